@@ -1,0 +1,60 @@
+// The only pybind11 file: converts Python ints/lists into an AdamLaunch, releases the GIL, calls ops.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "ops.h"
+
+namespace py = pybind11;
+using namespace fusedopt;
+
+namespace {
+
+void adam_step_py(int device, std::vector<uintptr_t> params, std::vector<uintptr_t> grads,
+                  std::vector<uintptr_t> exp_avgs, std::vector<uintptr_t> exp_avg_sqs,
+                  std::vector<uintptr_t> max_exp_avg_sqs, std::vector<uintptr_t> masters,
+                  std::vector<uintptr_t> steps, std::vector<int64_t> numels, int param_dtype, int grad_dtype,
+                  int state_dtype, double lr, double beta1, double beta2, double eps, double weight_decay,
+                  bool decoupled, bool amsgrad, bool maximize, uintptr_t lr_ptr, uintptr_t grad_scale_ptr,
+                  uintptr_t found_inf_ptr, uintptr_t stream, int num_threads) {
+  AdamLaunch L;
+  L.lists.ptrs[kParam] = std::move(params);
+  L.lists.ptrs[kGrad] = std::move(grads);
+  L.lists.ptrs[kExpAvg] = std::move(exp_avgs);
+  L.lists.ptrs[kExpAvgSq] = std::move(exp_avg_sqs);
+  L.lists.ptrs[kMaxExpAvgSq] = std::move(max_exp_avg_sqs);
+  L.lists.ptrs[kMaster] = std::move(masters);
+  L.lists.steps = std::move(steps);
+  L.lists.numels = std::move(numels);
+  L.dtypes = {DType(param_dtype), DType(grad_dtype), DType(state_dtype)};
+  L.config = {beta1, beta2, eps, weight_decay, decoupled, maximize};
+  L.lr = lr;
+  L.amsgrad = amsgrad;
+  L.device_ptrs = {lr_ptr, grad_scale_ptr, found_inf_ptr};
+  L.stream = stream;
+  L.num_threads = num_threads;
+  py::gil_scoped_release release;
+  adam_step(Device(device), L);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedopt native backends (CPU always, CUDA when built). Takes raw pointers; see fusedopt/_ops.py.";
+  m.def("adam_step", &adam_step_py, "One fused Adam/AdamW step over a list of tensors",
+        py::arg("device"), py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("steps"), py::arg("numels"),
+        py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"),
+        py::arg("maximize"), py::arg("lr_ptr"), py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"),
+        py::arg("stream"), py::arg("num_threads"));
+  m.def(
+      "convert",
+      [](uintptr_t src, int src_dtype, uintptr_t dst, int dst_dtype, int64_t n) {
+        py::gil_scoped_release release;
+        convert_cpu(src, DType(src_dtype), dst, DType(dst_dtype), n);
+      },
+      "Cast n elements on the CPU with fusedopt's own rounding (for tests)");
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_archs", &cuda_archs);
+  m.def("cuda_runtime_version", &cuda_runtime_version);
+}

@@ -1,0 +1,79 @@
+// Adam/AdamW on the CPU: math/adam.h applied over chunked OpenMP work items.
+#include <stdexcept>
+
+#include "cpu/parallel.h"
+#include "fusedopt/dispatch.h"
+#include "fusedopt/math/adam.h"
+#include "ops.h"
+
+namespace fusedopt {
+namespace {
+
+using math::AdamScalars;
+
+template <typename P, typename G, typename S, bool kAmsgrad, bool kMaster>
+void adam_range(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
+  P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
+  const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
+  S* __restrict__ m = reinterpret_cast<S*>(l.ptrs[kExpAvg][t]);
+  S* __restrict__ v = reinterpret_cast<S*>(l.ptrs[kExpAvgSq][t]);
+  S* __restrict__ vm = reinterpret_cast<S*>(l.ptrs[kMaxExpAvgSq][t]);
+  float* __restrict__ master = reinterpret_cast<float*>(l.ptrs[kMaster][t]);
+  for (int64_t i = begin; i < end; ++i) {
+    float pf = kMaster ? master[i] : to_float(p[i]);
+    float mf = to_float(m[i]);
+    float vf = to_float(v[i]);
+    float vmf = kAmsgrad ? to_float(vm[i]) : 0.0f;
+    math::adam_update<kAmsgrad>(pf, to_float(g[i]), mf, vf, vmf, s);
+    if (kMaster) master[i] = pf;
+    p[i] = from_float<P>(pf);
+    m[i] = from_float<S>(mf);
+    v[i] = from_float<S>(vf);
+    if (kAmsgrad) vm[i] = from_float<S>(vmf);
+  }
+}
+
+using RangeFn = void (*)(const TensorLists&, int32_t, int64_t, int64_t, const AdamScalars&);
+
+RangeFn select_range_fn(const AdamLaunch& L) {
+  RangeFn fn = nullptr;
+  const bool master = L.dtypes.param != DType::kFloat32 && !L.lists.ptrs[kMaster].empty();
+  dispatch_float(L.dtypes.param, "param", [&](auto p_tag) {
+    dispatch_float(L.dtypes.grad, "grad", [&](auto g_tag) {
+      dispatch_float(L.dtypes.state, "state", [&](auto s_tag) {
+        dispatch_bool(L.amsgrad, [&](auto ams) {
+          dispatch_bool(master, [&](auto mst) {
+            fn = &adam_range<decltype(p_tag), decltype(g_tag), decltype(s_tag), decltype(ams)::value,
+                             decltype(mst)::value>;
+          });
+        });
+      });
+    });
+  });
+  return fn;
+}
+
+}  // namespace
+
+void adam_step_cpu(const AdamLaunch& L) {
+  const auto& dp = L.device_ptrs;
+  if (dp.found_inf && *reinterpret_cast<const float*>(dp.found_inf) != 0.0f) return;
+  const float grad_scale = dp.grad_scale ? *reinterpret_cast<const float*>(dp.grad_scale) : 1.0f;
+  const double lr = dp.lr ? double(*reinterpret_cast<const float*>(dp.lr)) : L.lr;
+  const RangeFn fn = select_range_fn(L);
+
+  const size_t n = L.lists.size();
+  std::vector<AdamScalars> scalars(n);
+  for (size_t t = 0; t < n; ++t) {
+    float* step = reinterpret_cast<float*>(L.lists.steps[t]);
+    *step += 1.0f;
+    scalars[t] = math::adam_scalars(L.config, lr, double(*step), grad_scale);
+  }
+  int64_t total = 0;
+  const auto items = cpu::make_work_items(L.lists.numels, &total);
+  cpu::parallel_over_items(items, total, L.num_threads, [&](const cpu::WorkItem& w) {
+    fn(L.lists, w.tensor, w.begin, w.end, scalars[w.tensor]);
+  });
+}
+
+}  // namespace fusedopt

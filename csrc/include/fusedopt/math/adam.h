@@ -1,0 +1,85 @@
+// Adam / AdamW update rule: the one definition used by the CPU loop and the CUDA kernel.
+//
+// Follows torch.optim.Adam's single-tensor path operation by operation (same rounding points),
+// so fp32 results agree with torch to a few ulps:
+//   g  = maximize ? -g : g;  g /= grad_scale (GradScaler, exact: power of two)
+//   L2 (Adam):        g = g + wd * p
+//   decoupled (AdamW): p = p * (1 - lr * wd)
+//   m  = lerp(m, g, 1 - beta1)
+//   v  = v * beta2 + (1 - beta2) * g * g
+//   vm = max(vm, v)                       (amsgrad)
+//   p  = p - lr / (1 - beta1^t) * m / (sqrt(v or vm) / sqrt(1 - beta2^t) + eps)
+// Kingma & Ba 2015 (Adam), Loshchilov & Hutter 2019 (AdamW), Reddi et al. 2018 (AMSGrad).
+#pragma once
+
+#include <cmath>
+
+#include "fusedopt/macros.h"
+
+namespace fusedopt {
+namespace math {
+
+// Hyperparameters of one launch (one param group), as the host knows them.
+struct AdamConfig {
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  bool decoupled;  // AdamW (true) or Adam with L2 (false)
+  bool maximize;
+};
+
+// Everything the per-element update needs, computed once per tensor (per step value).
+// Flags are folded into arithmetic (sign, l2, decay) so the element loop has no branches
+// and vectorizes on the CPU; every folded operation is exact when it is a no-op.
+struct AdamScalars {
+  float grad_mul;       // +-1 / grad_scale
+  float l2;             // wd for Adam, 0 for AdamW
+  float decay;          // 1 - lr * wd for AdamW, 1 for Adam
+  float lerp_w;         // 1 - beta1
+  float beta2;
+  float one_minus_beta2;
+  float neg_step_size;  // -lr / (1 - beta1^t)
+  float bc2_sqrt;       // sqrt(1 - beta2^t)
+  float eps;
+};
+
+// Scalar math in double as torch does on the host (Python floats), rounded to float once.
+FUSEDOPT_HD AdamScalars adam_scalars(const AdamConfig& c, double lr, double step, float grad_scale) {
+  AdamScalars s;
+  s.grad_mul = (c.maximize ? -1.0f : 1.0f) / grad_scale;
+  s.l2 = c.decoupled ? 0.0f : float(c.weight_decay);
+  s.decay = c.decoupled ? float(1.0 - lr * c.weight_decay) : 1.0f;
+  s.lerp_w = float(1.0 - c.beta1);
+  s.beta2 = float(c.beta2);
+  s.one_minus_beta2 = float(1.0 - c.beta2);
+  s.neg_step_size = float(-(lr / (1.0 - pow(c.beta1, step))));
+  s.bc2_sqrt = float(sqrt(1.0 - pow(c.beta2, step)));
+  s.eps = float(c.eps);
+  return s;
+}
+
+// torch's lerp: self + w * (end - self) for w < 0.5, else end - (end - self) * (1 - w).
+FUSEDOPT_HD float lerp(float self, float end, float w) {
+  return w < 0.5f ? self + w * (end - self) : end - (end - self) * (1.0f - w);
+}
+
+template <bool kAmsgrad>
+FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
+  g = g * s.grad_mul;
+  g = g + s.l2 * p;
+  p = p * s.decay;
+  m = lerp(m, g, s.lerp_w);
+  v = v * s.beta2;
+  v = v + s.one_minus_beta2 * g * g;
+  float second = v;
+  if (kAmsgrad) {
+    vmax = vmax > v ? vmax : v;  // fmax would drop a NaN; torch.maximum propagates it
+    second = vmax;
+  }
+  const float denom = sqrtf(second) / s.bc2_sqrt + s.eps;
+  p = p + s.neg_step_size * (m / denom);
+}
+
+}  // namespace math
+}  // namespace fusedopt

@@ -1,0 +1,36 @@
+// What crosses from Python into the backends: raw pointers and sizes, no torch types.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fusedopt/dtype.h"
+
+namespace fusedopt {
+
+// Slot order of the per-tensor pointers of an Adam launch (PyTorch's kParamIdx... convention).
+enum AdamSlot : int { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMaster, kAdamSlots };
+
+// One launch: n tensors, each with a pointer per slot (0 when the slot is unused), its element
+// count and the address of its fp32 step counter (host memory on CPU, device memory on CUDA).
+struct TensorLists {
+  std::vector<uintptr_t> ptrs[kAdamSlots];
+  std::vector<int64_t> numels;
+  std::vector<uintptr_t> steps;
+  size_t size() const { return numels.size(); }
+};
+
+struct DTypes {
+  DType param;
+  DType grad;
+  DType state;
+};
+
+// Scalars that may live on the device (GradScaler, capturable lr): 0 means absent.
+struct DevicePtrs {
+  uintptr_t lr = 0;          // float*: overrides the host lr when set
+  uintptr_t grad_scale = 0;  // float*: divide grads by it
+  uintptr_t found_inf = 0;   // float*: when nonzero, skip the whole step (state and step untouched)
+};
+
+}  // namespace fusedopt

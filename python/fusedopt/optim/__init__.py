@@ -1,0 +1,3 @@
+from fusedopt.optim.adam import Adam, AdamW
+
+__all__ = ["Adam", "AdamW"]

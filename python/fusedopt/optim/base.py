@@ -1,0 +1,237 @@
+"""FusedOptimizer: what every fusedopt optimizer shares on top of torch.optim.Optimizer.
+
+- step(): validates every group before touching anything, then initializes state and runs one
+  native launch per (device, dtypes) bucket. Hooks, zero_grad and schedulers come from torch.
+- load_state_dict(): torch's checks plus per-tensor shape checks, all before any mutation; loaded
+  tensors are copied into this optimizer's own layout and state dtype, so the dict passed in is
+  never aliased by later in-place steps.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from fusedopt._ops import check_device_supported
+
+SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def state_dtype_name(d) -> str:
+    name = str(d).replace("torch.", "") if isinstance(d, torch.dtype) else str(d)
+    if name not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {d!r}")
+    return name
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when the tensor's elements fill its memory span exactly (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def reject_torch_only_flags(who: str, foreach, fused, differentiable) -> None:
+    if foreach:
+        raise ValueError(f"{who} always runs one fused multi-tensor kernel; foreach=True does not apply (leave it None)")
+    if fused is False:
+        raise ValueError(f"{who} is always fused; fused=False is not available (use torch.optim for an unfused step)")
+    if differentiable:
+        raise ValueError(f"{who} does not support differentiable=True (the update runs in a native kernel)")
+
+
+class FusedOptimizer(Optimizer):
+    # Tensor state keys that hold one value per param element (checked against the param's shape on load).
+    _elementwise_state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale/found_inf; the kernel unscales in registers and skips on inf.
+        self._step_supports_amp_scaling = True
+
+    @property
+    def _who(self) -> str:
+        return f"fusedopt.{type(self).__name__}"
+
+    # --- hyperparameters -------------------------------------------------------------------
+    def _validate_group(self, group: dict, index: int) -> None:
+        """Raise ValueError naming the group and the fix; subclasses extend."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+
+    # --- step ------------------------------------------------------------------------------
+    def _grads_of(self, group: dict, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(param, grad) for params with a grad, after checking everything the kernel assumes.
+
+        The common case costs a few attribute reads per param; the detailed diagnosis runs only
+        when a check fails.
+        """
+        pairs = []
+        device = None
+        for k, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if (
+                g.layout != torch.strided
+                or p.dtype not in SUPPORTED_PARAM_DTYPES
+                or (g.dtype != p.dtype and g.dtype != torch.float32)
+                or g.shape != p.shape
+                or g.device != p.device
+                or not (p.is_contiguous() or is_dense(p))
+            ):
+                self._raise_bad_param(p, g, k, index)
+            if device is None:
+                device = p.device
+                check_device_supported(device, self._who)
+            elif p.device != device:
+                raise RuntimeError(
+                    f"{self._who}: param {k} of group {index} is on {p.device} but the group also has params "
+                    f"on {device}; put params of different devices in different param groups"
+                )
+            if g.stride() != p.stride():
+                # A grad laid out differently from its param (rare: autograd keeps them alike) is
+                # copied, never rewritten: .grad itself is left untouched.
+                g = torch.empty_like(p, dtype=g.dtype).copy_(g)
+            pairs.append((p, g))
+        return pairs
+
+    def _raise_bad_param(self, p: torch.Tensor, g: torch.Tensor, k: int, index: int) -> None:
+        where = f"{self._who}: param {k} of group {index} (shape {tuple(p.shape)}, {p.dtype})"
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{where} has a {g.layout} gradient; fusedopt needs dense grads (use torch.optim.SparseAdam)")
+        if p.is_complex():
+            raise RuntimeError(f"{where} is complex; optimize torch.view_as_real(param) instead")
+        if p.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise RuntimeError(f"{where}: dtype {p.dtype} is not supported; use float32, bfloat16 or float16")
+        if g.dtype != p.dtype and g.dtype != torch.float32:
+            raise RuntimeError(f"{where}: grad dtype {g.dtype} must equal the param dtype or be float32")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{where}: grad shape {tuple(g.shape)} differs from the param's")
+        if g.device != p.device:
+            raise RuntimeError(f"{where}: grad is on {g.device}, param on {p.device}")
+        raise RuntimeError(f"{where} is a non-dense view (strides {p.stride()}); pass a contiguous tensor")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+            self, "_cuda_graph_capture_health_check", None
+        )
+        if check is not None:
+            check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # Validate every group before the first state tensor is created or the first kernel runs.
+        plans = []
+        for i, group in enumerate(self.param_groups):
+            self._validate_group(group, i)
+            plans.append(self._grads_of(group, i))
+        for group, pairs in zip(self.param_groups, plans):
+            if pairs:
+                self._step_group(group, pairs, grad_scale, found_inf)
+        return loss
+
+    def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
+        raise NotImplementedError
+
+    # --- state -----------------------------------------------------------------------------
+    @staticmethod
+    def _new_step(p: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        # CPU params: the counter is a CPU float32 scalar, as in torch. CUDA params: it lives on the
+        # device (as torch's fused/capturable paths), so the kernel reads it without a host sync.
+        device = p.device if p.device.type == "cuda" else "cpu"
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+    def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
+        """Convert one param's loaded state to this optimizer's layout; raise before any mutation."""
+        raise NotImplementedError
+
+    def _check_loaded_shapes(self, p: torch.Tensor, saved: dict, where: str) -> None:
+        for key in self._elementwise_state_keys:
+            v = saved.get(key)
+            if v is None:
+                continue
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{where}: state['{key}'] is a {type(v).__name__}, expected a tensor")
+            if v.shape != p.shape:
+                raise ValueError(
+                    f"{where}: state['{key}'] has shape {tuple(v.shape)} but the param has shape {tuple(p.shape)}; "
+                    "the checkpoint does not belong to these parameters (or their order changed)"
+                )
+        if "step" in saved and torch.as_tensor(saved["step"]).numel() != 1:
+            raise ValueError(f"{where}: state['step'] must be a scalar")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"{self._who}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, "
+                f"this optimizer has {len(groups)}"
+            )
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"{self._who}.load_state_dict: group {i} has {len(g['params'])} params here but "
+                    f"{len(sg['params'])} in the checkpoint"
+                )
+        new_groups = []
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            ng = dict(sg)
+            ng["params"] = g["params"]
+            if "param_names" in g and "param_names" not in ng:
+                ng["param_names"] = g["param_names"]
+            for k, v in g.items():  # keys a torch.optim checkpoint lacks keep this optimizer's value
+                ng.setdefault(k, v)
+            self._normalize_loaded_group(ng)
+            self._validate_group(ng, i)
+            new_groups.append(ng)
+
+        id_map: dict[Any, tuple[torch.Tensor, dict, int, int]] = {}
+        for i, (sg, ng) in enumerate(zip(saved_groups, new_groups)):
+            for j, (pid, p) in enumerate(zip(sg["params"], ng["params"])):
+                id_map[pid] = (p, ng, i, j)
+        state: defaultdict = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            if pid not in id_map:
+                state[pid] = saved
+                continue
+            p, ng, i, j = id_map[pid]
+            where = f"{self._who}.load_state_dict: param {j} of group {i} (shape {tuple(p.shape)})"
+            state[p] = self._load_param_state(p, saved, ng, where) if saved else {}
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _normalize_loaded_group(self, group: dict) -> None:
+        """Fix up a loaded group in place (e.g. coerce option formats); subclasses extend."""
