@@ -11,25 +11,25 @@ namespace {
 
 using math::AdamScalars;
 
-template <typename P, typename G, typename S, bool kAmsgrad, bool kMaster>
+template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster>
 void adam_range(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
   P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
   const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
   S* __restrict__ m = reinterpret_cast<S*>(l.ptrs[kExpAvg][t]);
   S* __restrict__ v = reinterpret_cast<S*>(l.ptrs[kExpAvgSq][t]);
-  S* __restrict__ vm = reinterpret_cast<S*>(l.ptrs[kMaxExpAvgSq][t]);
-  float* __restrict__ master = reinterpret_cast<float*>(l.ptrs[kMaster][t]);
+  S* __restrict__ vm = reinterpret_cast<S*>(l.ptr(kMaxExpAvgSq, t));
+  float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
   for (int64_t i = begin; i < end; ++i) {
-    float pf = kMaster ? master[i] : to_float(p[i]);
+    float pf = UseMaster ? master[i] : to_float(p[i]);
     float mf = to_float(m[i]);
     float vf = to_float(v[i]);
-    float vmf = kAmsgrad ? to_float(vm[i]) : 0.0f;
-    math::adam_update<kAmsgrad>(pf, to_float(g[i]), mf, vf, vmf, s);
-    if (kMaster) master[i] = pf;
+    float vmf = Amsgrad ? to_float(vm[i]) : 0.0f;
+    math::adam_update<Amsgrad>(pf, to_float(g[i]), mf, vf, vmf, s);
+    if (UseMaster) master[i] = pf;
     p[i] = from_float<P>(pf);
     m[i] = from_float<S>(mf);
     v[i] = from_float<S>(vf);
-    if (kAmsgrad) vm[i] = from_float<S>(vmf);
+    if (Amsgrad) vm[i] = from_float<S>(vmf);
   }
 }
 

@@ -122,7 +122,7 @@ void multi_tensor_apply(const TensorLists& lists, int max_blocks, const float* f
     const int k = meta.num_tensors;
     bool aligned = true;
     for (int d = 0; d < kDepth; ++d) {
-      const uintptr_t p = d < kAdamSlots && !lists.ptrs[d].empty() ? lists.ptrs[d][t] : 0;
+      const uintptr_t p = d < kAdamSlots ? lists.ptr(d, t) : 0;
       meta.ptrs[d][k] = reinterpret_cast<void*>(p);
       aligned = aligned && is_aligned16(p);
     }

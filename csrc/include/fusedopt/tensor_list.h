@@ -18,6 +18,8 @@ struct TensorLists {
   std::vector<int64_t> numels;
   std::vector<uintptr_t> steps;
   size_t size() const { return numels.size(); }
+  // 0 for an unused (empty) slot.
+  uintptr_t ptr(int slot, size_t t) const { return ptrs[slot].empty() ? 0 : ptrs[slot][t]; }
 };
 
 struct DTypes {
