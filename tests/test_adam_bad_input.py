@@ -1,0 +1,129 @@
+"""Bad input gets a clear error naming the problem, and nothing is mutated: params, grads and
+optimizer state are exactly as before the failing call."""
+import copy
+
+import pytest
+import torch
+
+import fusedopt
+
+
+def _snapshot(opt, params):
+    return (
+        [p.detach().clone() for p in params],
+        [None if p.grad is None else p.grad.clone() for p in params],
+        copy.deepcopy(opt.state_dict()),
+    )
+
+
+def _assert_unchanged(opt, params, snap):
+    ps, gs, sd = snap
+    assert all(torch.equal(p, q) for p, q in zip(params, ps))
+    dense = lambda t: t.to_dense() if t.is_sparse else t  # noqa: E731
+    assert all((g is None and p.grad is None) or torch.equal(dense(p.grad), dense(g)) for p, g in zip(params, gs))
+    now = opt.state_dict()
+    assert now["param_groups"] == sd["param_groups"]
+    assert now["state"].keys() == sd["state"].keys()
+    for k in sd["state"]:
+        for key, v in sd["state"][k].items():
+            assert torch.equal(now["state"][k][key], v)
+
+
+def _two_groups(bad_param):
+    good = torch.randn(10, requires_grad=True)
+    good.grad = torch.randn(10)
+    params = [good, bad_param]
+    opt = fusedopt.AdamW([{"params": [good]}, {"params": [bad_param]}])
+    return opt, params
+
+
+@pytest.mark.parametrize(
+    "make_bad, match",
+    [
+        (lambda: (torch.randn(4, 4, requires_grad=True), torch.randn(4, 4).to_sparse()), "sparse"),
+        (lambda: (torch.randn(4, dtype=torch.complex64, requires_grad=True), torch.randn(4, dtype=torch.complex64)), "complex"),
+        (lambda: (torch.randn(4, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64)), "float64"),
+        (lambda: (torch.randn(4, 8)[:, ::2].detach().requires_grad_(), torch.randn(4, 4)), "non-dense"),
+        (lambda: (torch.randn(4, dtype=torch.bfloat16, requires_grad=True), torch.randn(4, dtype=torch.float16)), "grad dtype"),
+    ],
+    ids=["sparse", "complex", "float64", "non_dense", "grad_dtype"],
+)
+def test_bad_param_or_grad_raises_and_mutates_nothing(make_bad, match):
+    p, g = make_bad()
+    if g.dtype != p.dtype:
+        p.grad_dtype = None  # torch >= 2.10 refuses a grad of another dtype unless asked
+    p.grad = g
+    opt, params = _two_groups(p)
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+    assert len(opt.state) == 0  # not even group 0 was initialized
+
+
+def test_two_devices_in_one_group():
+    a = torch.randn(4, requires_grad=True)
+    b = torch.randn(4, device="meta", requires_grad=True)
+    a.grad, b.grad = torch.randn(4), torch.randn(4, device="meta")
+    opt = fusedopt.AdamW([a, b])
+    with pytest.raises(RuntimeError, match="different devices in different param groups"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(eps=-1e-8), "epsilon"),
+        (dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+        (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), "1-element"),
+    ],
+)
+def test_bad_hyperparameters_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fusedopt.AdamW([torch.randn(3, requires_grad=True)], **kw)
+
+
+def test_bad_hyperparameter_set_later_is_caught_before_any_update():
+    ps = [torch.randn(5, requires_grad=True) for _ in range(2)]
+    opt = fusedopt.AdamW([{"params": [ps[0]]}, {"params": [ps[1]]}])
+    for p in ps:
+        p.grad = torch.randn(5)
+    opt.step()
+    opt.param_groups[1]["lr"] = -0.5
+    snap = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
+
+
+def test_wrong_shaped_state_on_load():
+    ps = [torch.randn(6, requires_grad=True), torch.randn(3, 2, requires_grad=True)]
+    opt = fusedopt.AdamW(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["state"][1]["exp_avg_sq"] = torch.zeros(2, 3)
+    snap = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"exp_avg_sq.*shape \(2, 3\).*\(3, 2\)"):
+        opt.load_state_dict(bad)
+    _assert_unchanged(opt, ps, snap)
+
+    fewer = copy.deepcopy(sd)
+    fewer["param_groups"][0]["params"] = [0]
+    with pytest.raises(ValueError, match="group 0 has 2 params here but 1"):
+        opt.load_state_dict(fewer)
+    _assert_unchanged(opt, ps, snap)
+
+
+def test_cuda_params_without_cuda_backend_name_the_fix(monkeypatch):
+    import fusedopt._ops as ops
+
+    monkeypatch.setattr(ops, "cuda_compiled", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA backend"):
+        ops.check_device_supported(torch.device("cuda", 0), "fusedopt.AdamW")
