@@ -20,16 +20,16 @@ void adam_range(const TensorLists& l, int32_t t, int64_t begin, int64_t end, con
   S* __restrict__ vm = reinterpret_cast<S*>(l.ptr(kMaxExpAvgSq, t));
   float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
   for (int64_t i = begin; i < end; ++i) {
-    float pf = UseMaster ? master[i] : to_float(p[i]);
-    float mf = to_float(m[i]);
-    float vf = to_float(v[i]);
-    float vmf = Amsgrad ? to_float(vm[i]) : 0.0f;
-    math::adam_update<Amsgrad>(pf, to_float(g[i]), mf, vf, vmf, s);
+    float pf = UseMaster ? master[i] : load_float(p, i);
+    float mf = load_float(m, i);
+    float vf = load_float(v, i);
+    float vmf = Amsgrad ? load_float(vm, i) : 0.0f;
+    math::adam_update<Amsgrad>(pf, load_float(g, i), mf, vf, vmf, s);
     if (UseMaster) master[i] = pf;
-    p[i] = from_float<P>(pf);
-    m[i] = from_float<S>(mf);
-    v[i] = from_float<S>(vf);
-    if (Amsgrad) vm[i] = from_float<S>(vmf);
+    store_float(p, i, pf);
+    store_float(m, i, mf);
+    store_float(v, i, vf);
+    if (Amsgrad) store_float(vm, i, vmf);
   }
 }
 

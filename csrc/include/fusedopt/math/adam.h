@@ -60,8 +60,11 @@ FUSEDOPT_HD AdamScalars adam_scalars(const AdamConfig& c, double lr, double step
 }
 
 // torch's lerp: self + w * (end - self) for w < 0.5, else end - (end - self) * (1 - w).
+// Both sides are computed and one is selected: a select of values vectorizes, a branch does not.
 FUSEDOPT_HD float lerp(float self, float end, float w) {
-  return w < 0.5f ? self + w * (end - self) : end - (end - self) * (1.0f - w);
+  const float from_self = self + w * (end - self);
+  const float from_end = end - (end - self) * (1.0f - w);
+  return w < 0.5f ? from_self : from_end;
 }
 
 template <bool kAmsgrad>
