@@ -2,6 +2,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
+
 #include "ops.h"
 
 namespace py = pybind11;
@@ -32,6 +34,9 @@ void adam_step_py(int device, std::vector<uintptr_t> params, std::vector<uintptr
   L.device_ptrs = {lr_ptr, grad_scale_ptr, found_inf_ptr};
   L.stream = stream;
   L.num_threads = num_threads;
+  if (device != int(Device::kCPU) && device != int(Device::kCUDA)) {
+    throw std::invalid_argument("fusedopt.adam_step: device code must be 0 (cpu) or 1 (cuda)");
+  }
   py::gil_scoped_release release;
   adam_step(Device(device), L);
 }

@@ -182,3 +182,27 @@ def test_signature_flags():
         fusedopt.Adam(ps, differentiable=True)
     with pytest.raises(ValueError, match="state_dtype"):
         fusedopt.AdamW(ps, state_dtype=torch.float16)
+
+
+def test_nonfinite_params_propagate_like_torch():
+    """wd == 0 must not add 0 * p (NaN for an inf param); a NaN in max_exp_avg_sq must stay."""
+    for cls, tcls in ((fusedopt.Adam, torch.optim.Adam), (fusedopt.AdamW, torch.optim.AdamW)):
+        init = torch.tensor([float("inf"), float("nan"), 1.0])
+        a, b = init.clone().requires_grad_(), init.clone().requires_grad_()
+        oa, ob = cls([a], weight_decay=0.0, amsgrad=True), tcls([b], weight_decay=0.0, amsgrad=True, foreach=False)
+        a.grad, b.grad = torch.ones(3), torch.ones(3)
+        oa.step()
+        ob.step()
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        assert torch.equal(oa.state[a]["exp_avg"], ob.state[b]["exp_avg"])
+        oa.state[a]["max_exp_avg_sq"][2] = float("nan")
+        ob.state[b]["max_exp_avg_sq"][2] = float("nan")
+        oa.step()
+        ob.step()
+        assert a[2].isnan() and b[2].isnan()
+
+
+def test_duplicate_params_are_rejected():
+    p = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="same parameter twice"):
+        fusedopt.AdamW([p, p])

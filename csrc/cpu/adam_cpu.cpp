@@ -12,7 +12,7 @@ namespace {
 using math::AdamScalars;
 
 template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster>
-void adam_range(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
+FUSEDOPT_HD void adam_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
   P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
   const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
   S* __restrict__ m = reinterpret_cast<S*>(l.ptrs[kExpAvg][t]);
@@ -33,6 +33,27 @@ void adam_range(const TensorLists& l, int32_t t, int64_t begin, int64_t end, con
   }
 }
 
+// The loop is compute-bound at SSE2 width on a 2-core machine (measured: 34 ms vs 23 ms per
+// 16M-param step on one core), so x86-64 also gets an AVX2+FMA copy, picked at run time. Both
+// copies inline the same adam_loop; only the instruction set differs.
+template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster>
+void adam_range(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
+  adam_loop<P, G, S, Amsgrad, UseMaster>(l, t, begin, end, s);
+}
+
+#if defined(__x86_64__)
+template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster>
+__attribute__((target("avx2,fma"))) void adam_range_avx2(const TensorLists& l, int32_t t, int64_t begin,
+                                                         int64_t end, const AdamScalars& s) {
+  adam_loop<P, G, S, Amsgrad, UseMaster>(l, t, begin, end, s);
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
 using RangeFn = void (*)(const TensorLists&, int32_t, int64_t, int64_t, const AdamScalars&);
 
 RangeFn select_range_fn(const AdamLaunch& L) {
@@ -43,8 +64,13 @@ RangeFn select_range_fn(const AdamLaunch& L) {
       dispatch_float(L.dtypes.state, "state", [&](auto s_tag) {
         dispatch_bool(L.amsgrad, [&](auto ams) {
           dispatch_bool(master, [&](auto mst) {
-            fn = &adam_range<decltype(p_tag), decltype(g_tag), decltype(s_tag), decltype(ams)::value,
-                             decltype(mst)::value>;
+            using P = decltype(p_tag);
+            using G = decltype(g_tag);
+            using S = decltype(s_tag);
+            fn = &adam_range<P, G, S, decltype(ams)::value, decltype(mst)::value>;
+#if defined(__x86_64__)
+            if (cpu_has_avx2_fma()) fn = &adam_range_avx2<P, G, S, decltype(ams)::value, decltype(mst)::value>;
+#endif
           });
         });
       });

@@ -28,14 +28,14 @@ __global__ void __launch_bounds__(kBlockSize)
   const double lr = args.lr_ptr != nullptr ? double(*args.lr_ptr) : args.lr;
   math::AdamScalars s;
   for_each_chunk(meta, [&](int t, int64_t start, int64_t n, bool first_visit) {
-    if (first_visit) s = math::adam_scalars(args.config, lr, double(*meta.steps[t]) + 1.0, grad_scale);
+    if (first_visit) s = math::adam_scalars(args.config, lr, double(*meta.steps[t] + 1.0f), grad_scale);
     const bool vec = meta.aligned[t];
     P* p = static_cast<P*>(meta.ptrs[kParam][t]) + start;
     const G* g = static_cast<const G*>(meta.ptrs[kGrad][t]) + start;
     S* m = static_cast<S*>(meta.ptrs[kExpAvg][t]) + start;
     S* v = static_cast<S*>(meta.ptrs[kExpAvgSq][t]) + start;
-    S* vm = static_cast<S*>(meta.ptrs[kMaxExpAvgSq][t]) + start;
-    float* master = static_cast<float*>(meta.ptrs[kMaster][t]) + start;
+    S* vm = args.amsgrad ? static_cast<S*>(meta.ptrs[kMaxExpAvgSq][t]) + start : nullptr;
+    float* master = args.master ? static_cast<float*>(meta.ptrs[kMaster][t]) + start : nullptr;
     for (int64_t i = int64_t(threadIdx.x) * kILP; i < n; i += int64_t(blockDim.x) * kILP) {
       float rp[kILP], rg[kILP], rm[kILP], rv[kILP], rvm[kILP];
       if (args.master) {

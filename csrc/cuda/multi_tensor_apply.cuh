@@ -34,7 +34,8 @@ struct TensorListMeta {
   bool aligned[kMaxTensors];             // every used pointer of the tensor is 16-byte aligned
   int num_tensors;
 };
-static_assert(sizeof(TensorListMeta<kAdamSlots>) <= 32764, "kernel parameter budget is 32764 bytes");
+// Kernel parameters are limited to 32764 bytes; leave 1 KiB for the optimizer's own arguments.
+static_assert(sizeof(TensorListMeta<kAdamSlots>) + 1024 <= 32764, "kernel parameter budget is 32764 bytes");
 
 // Calls f(t, start, n, first_visit) for each chunk this block owns; first_visit is true when
 // the block reaches a tensor it has not seen yet (per-tensor scalars are recomputed then).

@@ -75,11 +75,14 @@ class Adam(FusedOptimizer):
         super().__init__(params, defaults)
 
     # --- hyperparameters -------------------------------------------------------------------
-    def _check_hyper(self, g: dict, where: str) -> None:
+    def _check_hyper(self, g: dict, where: str, at_step: bool = False) -> None:
         lr = g["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"{self._who}: lr tensor in {where} must have 1 element")
-        if not _as_float(lr) >= 0.0:
+        # A device lr is read in the kernel: reading it here would sync every step and break graph
+        # capture, so its value is checked when the group is created, not at each step.
+        device_lr = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+        if not (at_step and device_lr) and not _as_float(lr) >= 0.0:
             raise ValueError(f"{self._who}: invalid learning rate {_as_float(lr)} in {where}: lr must be >= 0")
         if not g["eps"] >= 0.0:
             raise ValueError(f"{self._who}: invalid epsilon {g['eps']} in {where}: eps must be >= 0")
@@ -91,8 +94,8 @@ class Adam(FusedOptimizer):
         reject_torch_only_flags(self._who, g.get("foreach"), g.get("fused"), g.get("differentiable"))
         state_dtype_name(g["state_dtype"])
 
-    def _validate_group(self, group: dict, index: int) -> None:
-        self._check_hyper(group, f"param group {index}")
+    def _validate_group(self, group: dict, index: int, at_step: bool = False) -> None:
+        self._check_hyper(group, f"param group {index}", at_step)
 
     def _normalize_loaded_group(self, group: dict) -> None:
         group["state_dtype"] = state_dtype_name(group["state_dtype"])
@@ -140,10 +143,11 @@ class Adam(FusedOptimizer):
             if len(state) == 0:
                 state.update(self._init_state(p, group))
             master = "master_param" in state and p.dtype != torch.float32
-            buckets.setdefault((p.device, p.dtype, g.dtype, master), []).append((p, g, state))
+            key = (p.device, p.dtype, g.dtype, state["exp_avg"].dtype, master)
+            buckets.setdefault(key, []).append((p, g, state))
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
-        for (_, _, _, master), items in buckets.items():
+        for (*_, master), items in buckets.items():
             states = [s for _, _, s in items]
             adam_step_(
                 [p for p, _, _ in items],

@@ -63,10 +63,16 @@ class FusedOptimizer(Optimizer):
         return f"fusedopt.{type(self).__name__}"
 
     # --- hyperparameters -------------------------------------------------------------------
-    def _validate_group(self, group: dict, index: int) -> None:
-        """Raise ValueError naming the group and the fix; subclasses extend."""
+    def _validate_group(self, group: dict, index: int, at_step: bool = False) -> None:
+        """Raise ValueError naming the group and the fix; subclasses extend. at_step: called by
+        step(), where nothing may sync with the device."""
 
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            # torch only warns; a fused kernel would update the shared memory twice in one launch
+            raise ValueError(f"{self._who}: a param group lists the same parameter twice; pass each parameter once")
         super().add_param_group(param_group)
         try:
             self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
@@ -149,7 +155,7 @@ class FusedOptimizer(Optimizer):
         # Validate every group before the first state tensor is created or the first kernel runs.
         plans = []
         for i, group in enumerate(self.param_groups):
-            self._validate_group(group, i)
+            self._validate_group(group, i, at_step=True)
             plans.append(self._grads_of(group, i))
         for group, pairs in zip(self.param_groups, plans):
             if pairs:

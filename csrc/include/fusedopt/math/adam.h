@@ -1,7 +1,8 @@
 // Adam / AdamW update rule: the one definition used by the CPU loop and the CUDA kernel.
 //
-// Follows torch.optim.Adam's single-tensor path operation by operation (same rounding points),
-// so fp32 results agree with torch to a few ulps:
+// Follows torch.optim.Adam's single-tensor path operation by operation, so fp32 results agree
+// with torch to about an ulp per step (not bitwise: torch's vectorized kernels round some steps
+// differently, e.g. addcdiv and its CUDA reciprocal of the bias correction):
 //   g  = maximize ? -g : g;  g /= grad_scale (GradScaler, exact: power of two)
 //   L2 (Adam):        g = g + wd * p
 //   decoupled (AdamW): p = p * (1 - lr * wd)
@@ -70,14 +71,16 @@ FUSEDOPT_HD float lerp(float self, float end, float w) {
 template <bool kAmsgrad>
 FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
   g = g * s.grad_mul;
-  g = g + s.l2 * p;
+  // Selected, not added unconditionally: 0 * inf is NaN, and torch skips the term when wd == 0.
+  const float g_l2 = g + s.l2 * p;
+  g = s.l2 != 0.0f ? g_l2 : g;
   p = p * s.decay;
   m = lerp(m, g, s.lerp_w);
   v = v * s.beta2;
   v = v + s.one_minus_beta2 * g * g;
   float second = v;
   if (kAmsgrad) {
-    vmax = vmax > v ? vmax : v;  // fmax would drop a NaN; torch.maximum propagates it
+    vmax = (vmax != vmax || vmax > v) ? vmax : v;  // torch.maximum propagates a NaN from either side
     second = vmax;
   }
   const float denom = sqrtf(second) / s.bc2_sqrt + s.eps;
