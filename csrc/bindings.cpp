@@ -41,6 +41,30 @@ void adam_step_py(int device, std::vector<uintptr_t> params, std::vector<uintptr
   adam_step(Device(device), L);
 }
 
+void lion_step_py(int device, std::vector<uintptr_t> params, std::vector<uintptr_t> grads,
+                  std::vector<uintptr_t> exp_avgs, std::vector<uintptr_t> masters, std::vector<int64_t> numels,
+                  int param_dtype, int grad_dtype, int state_dtype, double lr, double beta1, double beta2,
+                  double weight_decay, bool maximize, uintptr_t lr_ptr, uintptr_t grad_scale_ptr,
+                  uintptr_t found_inf_ptr, uintptr_t stream, int num_threads) {
+  LionLaunch L;
+  L.lists.ptrs[kParam] = std::move(params);
+  L.lists.ptrs[kGrad] = std::move(grads);
+  L.lists.ptrs[kExpAvg] = std::move(exp_avgs);
+  L.lists.ptrs[kMaster] = std::move(masters);
+  L.lists.numels = std::move(numels);
+  L.dtypes = {DType(param_dtype), DType(grad_dtype), DType(state_dtype)};
+  L.config = {beta1, beta2, weight_decay, maximize};
+  L.lr = lr;
+  L.device_ptrs = {lr_ptr, grad_scale_ptr, found_inf_ptr};
+  L.stream = stream;
+  L.num_threads = num_threads;
+  if (device != int(Device::kCPU) && device != int(Device::kCUDA)) {
+    throw std::invalid_argument("fusedopt.lion_step: device code must be 0 (cpu) or 1 (cuda)");
+  }
+  py::gil_scoped_release release;
+  lion_step(Device(device), L);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -52,6 +76,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"),
         py::arg("maximize"), py::arg("lr_ptr"), py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"),
         py::arg("stream"), py::arg("num_threads"));
+  m.def("lion_step", &lion_step_py, "One fused Lion step over a list of tensors", py::arg("device"),
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("masters"), py::arg("numels"),
+        py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("weight_decay"), py::arg("maximize"), py::arg("lr_ptr"),
+        py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("stream"), py::arg("num_threads"));
   m.def(
       "convert",
       [](uintptr_t src, int src_dtype, uintptr_t dst, int dst_dtype, int64_t n) {

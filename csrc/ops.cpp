@@ -39,12 +39,33 @@ void adam_step(Device device, const AdamLaunch& launch) {
   }
 }
 
+void lion_step(Device device, const LionLaunch& launch) {
+  const size_t n = launch.lists.size();
+  for (int slot : {int(kParam), int(kGrad), int(kExpAvg)}) {
+    if (launch.lists.ptrs[slot].size() != n) throw std::invalid_argument("fusedopt.lion_step: list lengths differ");
+  }
+  if (!launch.lists.ptrs[kMaster].empty() && launch.lists.ptrs[kMaster].size() != n) {
+    throw std::invalid_argument("fusedopt.lion_step: one master pointer per tensor, or none");
+  }
+  if (launch.dtypes.state == DType::kFloat16) {
+    throw std::invalid_argument("fusedopt.lion_step: optimizer states must be float32 or bfloat16");
+  }
+  if (n == 0) return;
+  if (device == Device::kCPU) {
+    lion_step_cpu(launch);
+  } else {
+    lion_step_cuda(launch);
+  }
+}
+
 #ifndef FUSEDOPT_WITH_CUDA
-void adam_step_cuda(const AdamLaunch&) {
+[[noreturn]] static void no_cuda() {
   throw std::runtime_error(
       "fusedopt was built without its CUDA backend (no nvcc at build time, or FUSEDOPT_CUDA=off); "
       "rebuild with the CUDA toolkit installed and FUSEDOPT_CUDA=on");
 }
+void adam_step_cuda(const AdamLaunch&) { no_cuda(); }
+void lion_step_cuda(const LionLaunch&) { no_cuda(); }
 bool cuda_compiled() { return false; }
 const char* cuda_archs() { return ""; }
 int cuda_runtime_version() { return 0; }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "fusedopt/math/adam.h"
+#include "fusedopt/math/lion.h"
 #include "fusedopt/tensor_list.h"
 
 namespace fusedopt {
@@ -20,6 +21,21 @@ struct AdamLaunch {
 };
 
 void adam_step(Device device, const AdamLaunch& launch);
+
+// Lion uses the kParam, kGrad, kExpAvg and (optionally) kMaster slots and keeps no step counter.
+struct LionLaunch {
+  TensorLists lists;
+  DTypes dtypes;
+  math::LionConfig config;
+  double lr;
+  DevicePtrs device_ptrs;
+  uintptr_t stream = 0;
+  int num_threads = 1;
+};
+
+void lion_step(Device device, const LionLaunch& launch);
+void lion_step_cpu(const LionLaunch& launch);
+void lion_step_cuda(const LionLaunch& launch);
 void adam_step_cpu(const AdamLaunch& launch);
 void adam_step_cuda(const AdamLaunch& launch);
 

@@ -57,3 +57,22 @@ def rel_l2(a, b) -> float:
     num = math.sqrt(sum(((x.double() - y.double()) ** 2).sum().item() for x, y in zip(a, b)))
     den = math.sqrt(sum((y.double() ** 2).sum().item() for y in b))
     return num / max(den, 1e-30)
+
+
+class ReferenceLion:
+    """Lion as in google/automl's lion_pytorch.py, on plain tensors in the params' dtype."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+        self.params, self.lr, self.betas, self.wd, self.maximize = params, lr, betas, weight_decay, maximize
+        self.m = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads):
+        b1, b2 = self.betas
+        for p, g, m in zip(self.params, grads, self.m):
+            g = g.to(p.dtype)
+            if self.maximize:
+                g = -g
+            p.mul_(1 - self.lr * self.wd)
+            p.add_(torch.sign(m * b1 + g * (1 - b1)), alpha=-self.lr)
+            m.mul_(b2).add_(g, alpha=1 - b2)

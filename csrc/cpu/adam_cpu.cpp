@@ -33,31 +33,21 @@ FUSEDOPT_HD void adam_loop(const TensorLists& l, int32_t t, int64_t begin, int64
   }
 }
 
-// The loop is compute-bound at SSE2 width on a 2-core machine (measured: 34 ms vs 23 ms per
-// 16M-param step on one core), so x86-64 also gets an AVX2+FMA copy, picked at run time. Both
-// copies inline the same adam_loop; only the instruction set differs.
-template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster>
-void adam_range(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
-  adam_loop<P, G, S, Amsgrad, UseMaster>(l, t, begin, end, s);
-}
+}  // namespace
 
-#if defined(__x86_64__)
-template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster>
-__attribute__((target("avx2,fma"))) void adam_range_avx2(const TensorLists& l, int32_t t, int64_t begin,
-                                                         int64_t end, const AdamScalars& s) {
-  adam_loop<P, G, S, Amsgrad, UseMaster>(l, t, begin, end, s);
-}
+void adam_step_cpu(const AdamLaunch& L) {
+  const auto& dp = L.device_ptrs;
+  if (dp.found_inf && *reinterpret_cast<const float*>(dp.found_inf) != 0.0f) return;
+  const float grad_scale = dp.grad_scale ? *reinterpret_cast<const float*>(dp.grad_scale) : 1.0f;
+  const double lr = dp.lr ? double(*reinterpret_cast<const float*>(dp.lr)) : L.lr;
 
-bool cpu_has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-#endif
-
-using RangeFn = void (*)(const TensorLists&, int32_t, int64_t, int64_t, const AdamScalars&);
-
-RangeFn select_range_fn(const AdamLaunch& L) {
-  RangeFn fn = nullptr;
+  const size_t n = L.lists.size();
+  std::vector<AdamScalars> scalars(n);
+  for (size_t t = 0; t < n; ++t) {
+    float* step = reinterpret_cast<float*>(L.lists.steps[t]);
+    *step += 1.0f;
+    scalars[t] = math::adam_scalars(L.config, lr, double(*step), grad_scale);
+  }
   const bool master = L.dtypes.param != DType::kFloat32 && !L.lists.ptrs[kMaster].empty();
   dispatch_float(L.dtypes.param, "param", [&](auto p_tag) {
     dispatch_float(L.dtypes.grad, "grad", [&](auto g_tag) {
@@ -67,38 +57,15 @@ RangeFn select_range_fn(const AdamLaunch& L) {
             using P = decltype(p_tag);
             using G = decltype(g_tag);
             using S = decltype(s_tag);
-            fn = &adam_range<P, G, S, decltype(ams)::value, decltype(mst)::value>;
-#if defined(__x86_64__)
-            if (cpu_has_avx2_fma()) fn = &adam_range_avx2<P, G, S, decltype(ams)::value, decltype(mst)::value>;
-#endif
+            cpu::parallel_over_chunks(L.lists.numels, L.num_threads,
+                                      [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
+                                        adam_loop<P, G, S, decltype(ams)::value, decltype(mst)::value>(
+                                            L.lists, w.tensor, w.begin, w.end, scalars[w.tensor]);
+                                      });
           });
         });
       });
     });
-  });
-  return fn;
-}
-
-}  // namespace
-
-void adam_step_cpu(const AdamLaunch& L) {
-  const auto& dp = L.device_ptrs;
-  if (dp.found_inf && *reinterpret_cast<const float*>(dp.found_inf) != 0.0f) return;
-  const float grad_scale = dp.grad_scale ? *reinterpret_cast<const float*>(dp.grad_scale) : 1.0f;
-  const double lr = dp.lr ? double(*reinterpret_cast<const float*>(dp.lr)) : L.lr;
-  const RangeFn fn = select_range_fn(L);
-
-  const size_t n = L.lists.size();
-  std::vector<AdamScalars> scalars(n);
-  for (size_t t = 0; t < n; ++t) {
-    float* step = reinterpret_cast<float*>(L.lists.steps[t]);
-    *step += 1.0f;
-    scalars[t] = math::adam_scalars(L.config, lr, double(*step), grad_scale);
-  }
-  int64_t total = 0;
-  const auto items = cpu::make_work_items(L.lists.numels, &total);
-  cpu::parallel_over_items(items, total, L.num_threads, [&](const cpu::WorkItem& w) {
-    fn(L.lists, w.tensor, w.begin, w.end, scalars[w.tensor]);
   });
 }
 

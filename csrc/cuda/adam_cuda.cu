@@ -63,22 +63,6 @@ __global__ void __launch_bounds__(kBlockSize)
   });
 }
 
-template <typename P, typename G, typename S>
-int max_blocks() {
-  // Occupancy of this instantiation on the current device, times its SM count.
-  static thread_local int cached_device = -1;
-  static thread_local int cached_blocks = 0;
-  int dev = 0;
-  FUSEDOPT_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev != cached_device) {
-    int per_sm = 0;
-    FUSEDOPT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, adam_kernel<P, G, S>, kBlockSize, 0));
-    cached_blocks = std::max(1, per_sm) * sm_count();
-    cached_device = dev;
-  }
-  return cached_blocks;
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -100,7 +84,7 @@ void adam_step_cuda(const AdamLaunch& L) {
         using P = decltype(p_tag);
         using G = decltype(g_tag);
         using S = decltype(s_tag);
-        multi_tensor_apply<kAdamSlots>(L.lists, max_blocks<P, G, S>(), args.found_inf, stream,
+        multi_tensor_apply<kAdamSlots>(L.lists, max_blocks<adam_kernel<P, G, S>>(), args.found_inf, stream,
                                        [&](const TensorListMeta<kAdamSlots>& meta, int blocks) {
                                          adam_kernel<P, G, S><<<blocks, kBlockSize, 0, stream>>>(meta, args);
                                        });

@@ -102,8 +102,26 @@ __global__ void increment_steps_kernel(const __grid_constant__ StepList list, co
 
 inline bool is_aligned16(uintptr_t p) { return p % 16 == 0; }
 
+// Grid size for a persistent multi-tensor kernel: its occupancy on the current device times the
+// SM count (cached per kernel and thread, recomputed when the current device changes).
+template <auto Kernel>
+int max_blocks() {
+  static thread_local int cached_device = -1;
+  static thread_local int cached_blocks = 0;
+  int dev = 0;
+  FUSEDOPT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev != cached_device) {
+    int per_sm = 0;
+    FUSEDOPT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kBlockSize, 0));
+    cached_blocks = std::max(1, per_sm) * sm_count();
+    cached_device = dev;
+  }
+  return cached_blocks;
+}
+
 // Packs the non-empty tensors of `lists` into launches of at most kMaxTensors and calls
-// launch(meta, grid_blocks) for each; then bumps every tensor's step counter on `stream`.
+// launch(meta, grid_blocks) for each; then bumps every tensor's step counter (if the optimizer
+// keeps one) on `stream`.
 template <int kDepth, typename Launch>
 void multi_tensor_apply(const TensorLists& lists, int max_blocks, const float* found_inf, cudaStream_t stream,
                         Launch&& launch) {
@@ -128,7 +146,7 @@ void multi_tensor_apply(const TensorLists& lists, int max_blocks, const float* f
       aligned = aligned && is_aligned16(p);
     }
     meta.numel[k] = numel;
-    meta.steps[k] = reinterpret_cast<float*>(lists.steps[t]);
+    meta.steps[k] = lists.steps.empty() ? nullptr : reinterpret_cast<float*>(lists.steps[t]);
     meta.aligned[k] = aligned;
     meta.chunk_begin[k + 1] = meta.chunk_begin[k] + (numel + kChunkSize - 1) / kChunkSize;
     meta.num_tensors = k + 1;
@@ -136,6 +154,7 @@ void multi_tensor_apply(const TensorLists& lists, int max_blocks, const float* f
   }
   flush();
 
+  if (lists.steps.empty()) return;  // optimizers without a step counter (Lion)
   StepList steps;
   steps.num_tensors = 0;
   for (size_t t = 0; t < lists.size(); ++t) {

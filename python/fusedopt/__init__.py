@@ -7,7 +7,7 @@ The same update rules run on CUDA (multi-tensor-apply kernels) and on the CPU (O
 one C++ header per rule. ``fusedopt.backends()`` says what this build and machine can run.
 """
 from fusedopt._ext import backends
-from fusedopt.optim import Adam, AdamW
+from fusedopt.optim import Adam, AdamW, Lion
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "backends", "__version__"]
+__all__ = ["Adam", "AdamW", "Lion", "backends", "__version__"]

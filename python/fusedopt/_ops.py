@@ -32,38 +32,65 @@ def check_device_supported(device: torch.device, who: str) -> None:
         raise RuntimeError(f"{who}: device type '{device.type}' is not supported (use cpu or cuda)")
 
 
+class _Launch:
+    """What every native launch needs besides its tensor lists: device code, stream, thread count
+    and pointers to device scalars (lr, GradScaler's grad_scale/found_inf), kept alive meanwhile."""
+
+    def __init__(self, device: torch.device, lr, grad_scale, found_inf):
+        self.device = device
+        self.device_code = DEVICE_CODES[device.type]
+        self._keep = []
+        self.lr_ptr = 0
+        if isinstance(lr, torch.Tensor) and device.type == "cuda" and lr.device.type == "cuda":
+            self.lr_ptr = self._ptr(lr)
+            lr = 0.0
+        self.lr = float(lr)
+        self.grad_scale_ptr = self._ptr(grad_scale)
+        self.found_inf_ptr = self._ptr(found_inf)
+        self.stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        self.num_threads = torch.get_num_threads()
+
+    def _ptr(self, t):
+        ptr, tmp = _scalar_ptr(t, self.device)
+        self._keep.append(tmp)
+        return ptr
+
+    def run(self, fn, *args):
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                fn(*args)
+        else:
+            fn(*args)
+
+
 def adam_step_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, *,
     lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
     grad_scale=None, found_inf=None,
 ) -> None:
     """One fused Adam/AdamW step, in place, over tensors sharing a device and dtypes."""
-    device = params[0].device
-    keep = []
-    lr_ptr = 0
-    if isinstance(lr, torch.Tensor):
-        if device.type == "cuda" and lr.device.type == "cuda":
-            lr_ptr, tmp = _scalar_ptr(lr, device)
-            keep.append(tmp)
-            lr = 0.0
-        else:
-            lr = float(lr)
-    gs_ptr, tmp = _scalar_ptr(grad_scale, device)
-    keep.append(tmp)
-    fi_ptr, tmp = _scalar_ptr(found_inf, device)
-    keep.append(tmp)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    state_dtype = exp_avgs[0].dtype
-    call = lambda: lib().adam_step(  # noqa: E731
-        DEVICE_CODES[device.type], _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
+    L = _Launch(params[0].device, lr, grad_scale, found_inf)
+    L.run(
+        lib().adam_step,
+        L.device_code, _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
         _ptrs(max_exp_avg_sqs), _ptrs(masters), _ptrs(steps), [p.numel() for p in params],
-        DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype], DTYPE_CODES[state_dtype],
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-        bool(decoupled), bool(amsgrad), bool(maximize), lr_ptr, gs_ptr, fi_ptr, stream,
-        torch.get_num_threads(),
+        DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype], DTYPE_CODES[exp_avgs[0].dtype],
+        L.lr, float(beta1), float(beta2), float(eps), float(weight_decay),
+        bool(decoupled), bool(amsgrad), bool(maximize), L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr,
+        L.stream, L.num_threads,
     )
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            call()
-    else:
-        call()
+
+
+def lion_step_(
+    params, grads, exp_avgs, masters, *, lr, beta1, beta2, weight_decay, maximize,
+    grad_scale=None, found_inf=None,
+) -> None:
+    """One fused Lion step, in place, over tensors sharing a device and dtypes."""
+    L = _Launch(params[0].device, lr, grad_scale, found_inf)
+    L.run(
+        lib().lion_step,
+        L.device_code, _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(masters), [p.numel() for p in params],
+        DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype], DTYPE_CODES[exp_avgs[0].dtype],
+        L.lr, float(beta1), float(beta2), float(weight_decay), bool(maximize),
+        L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr, L.stream, L.num_threads,
+    )

@@ -1,3 +1,4 @@
 from fusedopt.optim.adam import Adam, AdamW
+from fusedopt.optim.lion import Lion
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "Lion"]

@@ -7,13 +7,10 @@ from fusedopt._ops import adam_step_
 from fusedopt.optim.base import (
     STATE_DTYPES,
     FusedOptimizer,
+    as_float,
     reject_torch_only_flags,
     state_dtype_name,
 )
-
-
-def _as_float(x):
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
 class Adam(FusedOptimizer):
@@ -58,7 +55,7 @@ class Adam(FusedOptimizer):
             raise ValueError("Tensor lr must be 1-element")
         defaults = dict(
             lr=lr,
-            betas=(_as_float(betas[0]), _as_float(betas[1])),
+            betas=(as_float(betas[0]), as_float(betas[1])),
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
@@ -76,21 +73,11 @@ class Adam(FusedOptimizer):
 
     # --- hyperparameters -------------------------------------------------------------------
     def _check_hyper(self, g: dict, where: str, at_step: bool = False) -> None:
-        lr = g["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError(f"{self._who}: lr tensor in {where} must have 1 element")
-        # A device lr is read in the kernel: reading it here would sync every step and break graph
-        # capture, so its value is checked when the group is created, not at each step.
-        device_lr = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
-        if not (at_step and device_lr) and not _as_float(lr) >= 0.0:
-            raise ValueError(f"{self._who}: invalid learning rate {_as_float(lr)} in {where}: lr must be >= 0")
+        self._check_lr(g["lr"], where, at_step)
         if not g["eps"] >= 0.0:
             raise ValueError(f"{self._who}: invalid epsilon {g['eps']} in {where}: eps must be >= 0")
-        for k, b in enumerate(g["betas"]):
-            if not 0.0 <= _as_float(b) < 1.0:
-                raise ValueError(f"{self._who}: invalid beta parameter at index {k} ({_as_float(b)}) in {where}: need 0 <= beta < 1")
-        if not g["weight_decay"] >= 0.0:
-            raise ValueError(f"{self._who}: invalid weight_decay {g['weight_decay']} in {where}: must be >= 0")
+        self._check_betas(g["betas"], where)
+        self._check_weight_decay(g["weight_decay"], where)
         reject_torch_only_flags(self._who, g.get("foreach"), g.get("fused"), g.get("differentiable"))
         state_dtype_name(g["state_dtype"])
 

@@ -28,6 +28,10 @@ def state_dtype_name(d) -> str:
     return name
 
 
+def as_float(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when the tensor's elements fill its memory span exactly (any dim order)."""
     if t.is_contiguous():
@@ -66,6 +70,24 @@ class FusedOptimizer(Optimizer):
     def _validate_group(self, group: dict, index: int, at_step: bool = False) -> None:
         """Raise ValueError naming the group and the fix; subclasses extend. at_step: called by
         step(), where nothing may sync with the device."""
+
+    def _check_lr(self, lr, where: str, at_step: bool) -> None:
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"{self._who}: lr tensor in {where} must have 1 element")
+        # A device lr is read in the kernel: reading it here would sync every step and break graph
+        # capture, so its value is checked when the group is created, not at each step.
+        device_lr = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+        if not (at_step and device_lr) and not as_float(lr) >= 0.0:
+            raise ValueError(f"{self._who}: invalid learning rate {as_float(lr)} in {where}: lr must be >= 0")
+
+    def _check_betas(self, betas, where: str) -> None:
+        for k, b in enumerate(betas):
+            if not 0.0 <= as_float(b) < 1.0:
+                raise ValueError(f"{self._who}: invalid beta parameter at index {k} ({as_float(b)}) in {where}: need 0 <= beta < 1")
+
+    def _check_weight_decay(self, wd, where: str) -> None:
+        if not wd >= 0.0:
+            raise ValueError(f"{self._who}: invalid weight_decay {wd} in {where}: must be >= 0")
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]

@@ -1,0 +1,51 @@
+// Lion on the CPU: math/lion.h applied over chunked OpenMP work items.
+#include "cpu/parallel.h"
+#include "fusedopt/dispatch.h"
+#include "fusedopt/math/lion.h"
+#include "ops.h"
+
+namespace fusedopt {
+namespace {
+
+template <typename P, typename G, typename S, bool UseMaster>
+FUSEDOPT_HD void lion_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const math::LionScalars& s) {
+  P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
+  const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
+  S* __restrict__ m = reinterpret_cast<S*>(l.ptrs[kExpAvg][t]);
+  float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
+  for (int64_t i = begin; i < end; ++i) {
+    float pf = UseMaster ? master[i] : load_float(p, i);
+    float mf = load_float(m, i);
+    math::lion_update(pf, load_float(g, i), mf, s);
+    if (UseMaster) master[i] = pf;
+    store_float(p, i, pf);
+    store_float(m, i, mf);
+  }
+}
+
+}  // namespace
+
+void lion_step_cpu(const LionLaunch& L) {
+  const auto& dp = L.device_ptrs;
+  if (dp.found_inf && *reinterpret_cast<const float*>(dp.found_inf) != 0.0f) return;
+  const float grad_scale = dp.grad_scale ? *reinterpret_cast<const float*>(dp.grad_scale) : 1.0f;
+  const double lr = dp.lr ? double(*reinterpret_cast<const float*>(dp.lr)) : L.lr;
+  const math::LionScalars s = math::lion_scalars(L.config, lr, grad_scale);
+  const bool master = L.dtypes.param != DType::kFloat32 && !L.lists.ptrs[kMaster].empty();
+  dispatch_float(L.dtypes.param, "param", [&](auto p_tag) {
+    dispatch_float(L.dtypes.grad, "grad", [&](auto g_tag) {
+      dispatch_float(L.dtypes.state, "state", [&](auto s_tag) {
+        dispatch_bool(master, [&](auto mst) {
+          using P = decltype(p_tag);
+          using G = decltype(g_tag);
+          using S = decltype(s_tag);
+          cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
+            lion_loop<P, G, S, decltype(mst)::value>(L.lists, w.tensor, w.begin, w.end, s);
+          });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace fusedopt
