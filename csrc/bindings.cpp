@@ -65,6 +65,39 @@ void lion_step_py(int device, std::vector<uintptr_t> params, std::vector<uintptr
   lion_step(Device(device), L);
 }
 
+void adam8bit_step_py(int device, std::vector<uintptr_t> params, std::vector<uintptr_t> grads,
+                      std::vector<uintptr_t> exp_avgs, std::vector<uintptr_t> exp_avg_absmaxs,
+                      std::vector<uintptr_t> exp_avg_sqs, std::vector<uintptr_t> exp_avg_sq_absmaxs,
+                      std::vector<uintptr_t> masters, std::vector<uintptr_t> steps, std::vector<int64_t> numels,
+                      int param_dtype, int grad_dtype, uintptr_t signed_map, uintptr_t unsigned_map, double lr,
+                      double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+                      uintptr_t lr_ptr, uintptr_t grad_scale_ptr, uintptr_t found_inf_ptr, uintptr_t stream,
+                      int num_threads) {
+  Adam8bitLaunch L;
+  L.lists.ptrs[kParam] = std::move(params);
+  L.lists.ptrs[kGrad] = std::move(grads);
+  L.lists.ptrs[kExpAvg] = std::move(exp_avgs);
+  L.lists.ptrs[kExpAvgAbsmax] = std::move(exp_avg_absmaxs);
+  L.lists.ptrs[kExpAvgSq] = std::move(exp_avg_sqs);
+  L.lists.ptrs[kExpAvgSqAbsmax] = std::move(exp_avg_sq_absmaxs);
+  L.lists.ptrs[kMaster] = std::move(masters);
+  L.lists.steps = std::move(steps);
+  L.lists.numels = std::move(numels);
+  L.dtypes = {DType(param_dtype), DType(grad_dtype), DType::kFloat32};
+  L.config = {beta1, beta2, eps, weight_decay, decoupled, maximize};
+  L.lr = lr;
+  L.signed_map = signed_map;
+  L.unsigned_map = unsigned_map;
+  L.device_ptrs = {lr_ptr, grad_scale_ptr, found_inf_ptr};
+  L.stream = stream;
+  L.num_threads = num_threads;
+  if (device != int(Device::kCPU) && device != int(Device::kCUDA)) {
+    throw std::invalid_argument("fusedopt.adam8bit_step: device code must be 0 (cpu) or 1 (cuda)");
+  }
+  py::gil_scoped_release release;
+  adam8bit_step(Device(device), L);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -81,6 +114,29 @@ PYBIND11_MODULE(_C, m) {
         py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("weight_decay"), py::arg("maximize"), py::arg("lr_ptr"),
         py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("stream"), py::arg("num_threads"));
+  m.def("adam8bit_step", &adam8bit_step_py, "One fused blockwise 8-bit Adam/AdamW step over a list of tensors",
+        py::arg("device"), py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_absmaxs"),
+        py::arg("exp_avg_sqs"), py::arg("exp_avg_sq_absmaxs"), py::arg("masters"), py::arg("steps"),
+        py::arg("numels"), py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("signed_map"),
+        py::arg("unsigned_map"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"), py::arg("lr_ptr"),
+        py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("stream"), py::arg("num_threads"));
+  m.def(
+      "quantize_blockwise",
+      [](uintptr_t src, int64_t n, uintptr_t map, bool is_signed, uintptr_t codes, uintptr_t absmax, int num_threads) {
+        py::gil_scoped_release release;
+        quantize_blockwise_cpu(src, n, map, is_signed, codes, absmax, num_threads);
+      },
+      "n fp32 values (CPU) -> uint8 codes + one fp32 absmax per 256-element block", py::arg("src"), py::arg("n"),
+      py::arg("map"), py::arg("is_signed"), py::arg("codes"), py::arg("absmax"), py::arg("num_threads"));
+  m.def(
+      "dequantize_blockwise",
+      [](uintptr_t codes, uintptr_t absmax, int64_t n, uintptr_t map, uintptr_t dst, int num_threads) {
+        py::gil_scoped_release release;
+        dequantize_blockwise_cpu(codes, absmax, n, map, dst, num_threads);
+      },
+      "uint8 codes + per-block absmax (CPU) -> n fp32 values", py::arg("codes"), py::arg("absmax"), py::arg("n"),
+      py::arg("map"), py::arg("dst"), py::arg("num_threads"));
   m.def(
       "convert",
       [](uintptr_t src, int src_dtype, uintptr_t dst, int dst_dtype, int64_t n) {

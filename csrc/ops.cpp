@@ -58,6 +58,26 @@ void lion_step(Device device, const LionLaunch& launch) {
   }
 }
 
+void adam8bit_step(Device device, const Adam8bitLaunch& launch) {
+  const size_t n = launch.lists.size();
+  for (int slot : {int(kParam), int(kGrad), int(kExpAvg), int(kExpAvgSq), int(kExpAvgAbsmax), int(kExpAvgSqAbsmax)}) {
+    if (launch.lists.ptrs[slot].size() != n) throw std::invalid_argument("fusedopt.adam8bit_step: list lengths differ");
+  }
+  if (!launch.lists.ptrs[kMaster].empty() && launch.lists.ptrs[kMaster].size() != n) {
+    throw std::invalid_argument("fusedopt.adam8bit_step: one master pointer per tensor, or none");
+  }
+  if (launch.lists.steps.size() != n) throw std::invalid_argument("fusedopt.adam8bit_step: one step counter per tensor");
+  if (launch.signed_map == 0 || launch.unsigned_map == 0) {
+    throw std::invalid_argument("fusedopt.adam8bit_step: both quantization maps are required");
+  }
+  if (n == 0) return;
+  if (device == Device::kCPU) {
+    adam8bit_step_cpu(launch);
+  } else {
+    adam8bit_step_cuda(launch);
+  }
+}
+
 #ifndef FUSEDOPT_WITH_CUDA
 [[noreturn]] static void no_cuda() {
   throw std::runtime_error(
@@ -66,6 +86,7 @@ void lion_step(Device device, const LionLaunch& launch) {
 }
 void adam_step_cuda(const AdamLaunch&) { no_cuda(); }
 void lion_step_cuda(const LionLaunch&) { no_cuda(); }
+void adam8bit_step_cuda(const Adam8bitLaunch&) { no_cuda(); }
 bool cuda_compiled() { return false; }
 const char* cuda_archs() { return ""; }
 int cuda_runtime_version() { return 0; }

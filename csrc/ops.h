@@ -39,6 +39,32 @@ void lion_step_cuda(const LionLaunch& launch);
 void adam_step_cpu(const AdamLaunch& launch);
 void adam_step_cuda(const AdamLaunch& launch);
 
+// Blockwise 8-bit Adam/AdamW (math/adam8bit.h). kExpAvg/kExpAvgSq hold uint8 codes and
+// kExpAvgAbsmax/kExpAvgSqAbsmax one fp32 absmax per 256-element block; kMaster is optional.
+// No amsgrad (as bnb). dtypes.state is unused.
+struct Adam8bitLaunch {
+  TensorLists lists;
+  DTypes dtypes;
+  math::AdamConfig config;
+  double lr;
+  uintptr_t signed_map = 0;    // const float[256] on the launch's device (exp_avg)
+  uintptr_t unsigned_map = 0;  // const float[256] on the launch's device (exp_avg_sq)
+  DevicePtrs device_ptrs;
+  uintptr_t stream = 0;
+  int num_threads = 1;
+};
+
+void adam8bit_step(Device device, const Adam8bitLaunch& launch);
+void adam8bit_step_cpu(const Adam8bitLaunch& launch);
+void adam8bit_step_cuda(const Adam8bitLaunch& launch);
+
+// n fp32 values <-> uint8 codes + one absmax per 256-element block, on the CPU, through
+// math/quant8.h (checkpoint conversion and tests use these; the optimizers never do).
+void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, bool is_signed, uintptr_t codes,
+                            uintptr_t absmax, int num_threads);
+void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uintptr_t map, uintptr_t dst,
+                              int num_threads);
+
 // Elementwise dtype conversion through dtype.h (lets tests check the shared rounding code).
 void convert_cpu(uintptr_t src, DType src_dtype, uintptr_t dst, DType dst_dtype, int64_t n);
 

@@ -76,3 +76,71 @@ class ReferenceLion:
             p.mul_(1 - self.lr * self.wd)
             p.add_(torch.sign(m * b1 + g * (1 - b1)), alpha=-self.lr)
             m.mul_(b2).add_(g, alpha=1 - b2)
+
+
+def reference_quantize(x, absmax, qmap, signed, block=256):
+    """Nearest-entry blockwise quantization with plain torch ops (searchsorted), written from the
+    spec in fusedopt/quant.py: y = x * (1/absmax) clamped to the map, nearest entry (a tie goes
+    to the smaller), and for the signed map a nonzero x never lands on 0 or the other sign.
+    x: 1-D fp32; absmax: one per block. Returns int64 codes."""
+    n = x.numel()
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax)).repeat_interleave(block)[:n]
+    y = (x * inv).clamp(qmap[0].item(), qmap[-1].item())
+    lo = (torch.searchsorted(qmap, y, right=True) - 1).clamp(0, qmap.numel() - 1)
+    hi = (lo + 1).clamp(max=qmap.numel() - 1)
+    c = torch.where(qmap[hi] - y < y - qmap[lo], hi, lo)
+    if signed:
+        c = torch.where((x > 0) & (qmap[c] <= 0), c + 1, c)
+        c = torch.where((x < 0) & (qmap[c] >= 0), c - 1, c)
+    return c
+
+
+def block_absmax(x, block=256):
+    n = x.numel()
+    padded = torch.nn.functional.pad(x.abs(), (0, (-n) % block))
+    return padded.view(-1, block).amax(dim=1)
+
+
+class ReferenceAdam8bit:
+    """Blockwise 8-bit Adam/AdamW on flat fp32 params with plain torch ops: dequantize, the Adam
+    update, skip elements whose new moments are not finite, new absmax per block, requantize with
+    reference_quantize. Not the code under test (that is csrc/.../math/adam8bit.h)."""
+
+    def __init__(self, params, signed_map, unsigned_map, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, decoupled=True, block=256):
+        self.params, self.smap, self.umap, self.block = params, signed_map, unsigned_map, block
+        self.lr, self.betas, self.eps, self.wd, self.decoupled = lr, betas, eps, weight_decay, decoupled
+        zero_s = int((signed_map == 0).nonzero())
+        nb = [math.ceil(p.numel() / block) for p in params]
+        self.cm = [torch.full((p.numel(),), zero_s, dtype=torch.long) for p in params]
+        self.cv = [torch.zeros(p.numel(), dtype=torch.long) for p in params]
+        self.am = [torch.zeros(k) for k in nb]
+        self.av = [torch.zeros(k) for k in nb]
+        self.t = 0
+
+    def moments(self, i):
+        n = self.params[i].numel()
+        m = self.smap[self.cm[i]] * self.am[i].repeat_interleave(self.block)[:n]
+        v = self.umap[self.cv[i]] * self.av[i].repeat_interleave(self.block)[:n]
+        return m, v
+
+    @torch.no_grad()
+    def step(self, grads):
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            m, v = self.moments(i)
+            g = g.float()
+            if self.wd and not self.decoupled:
+                g = g + self.wd * p
+            p_new = p * (1 - self.lr * self.wd) if self.decoupled else p.clone()
+            m_new = m.lerp(g, 1 - b1)
+            v_new = v * b2 + (1 - b2) * g * g
+            p_new = p_new - (self.lr / bc1) * m_new / (v_new.sqrt() / math.sqrt(bc2) + self.eps)
+            ok = torch.isfinite(m_new) & torch.isfinite(v_new)
+            p.copy_(torch.where(ok, p_new, p))
+            m, v = torch.where(ok, m_new, m), torch.where(ok, v_new, v)
+            self.am[i], self.av[i] = block_absmax(m, self.block), block_absmax(v, self.block)
+            self.cm[i] = reference_quantize(m, self.am[i], self.smap, True, self.block)
+            self.cv[i] = reference_quantize(v, self.av[i], self.umap, False, self.block)

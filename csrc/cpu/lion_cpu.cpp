@@ -26,23 +26,17 @@ FUSEDOPT_HD void lion_loop(const TensorLists& l, int32_t t, int64_t begin, int64
 }  // namespace
 
 void lion_step_cpu(const LionLaunch& L) {
-  const auto& dp = L.device_ptrs;
-  if (dp.found_inf && *reinterpret_cast<const float*>(dp.found_inf) != 0.0f) return;
-  const float grad_scale = dp.grad_scale ? *reinterpret_cast<const float*>(dp.grad_scale) : 1.0f;
-  const double lr = dp.lr ? double(*reinterpret_cast<const float*>(dp.lr)) : L.lr;
-  const math::LionScalars s = math::lion_scalars(L.config, lr, grad_scale);
+  const HostScalars h = read_host_scalars(L.device_ptrs, L.lr);
+  if (h.skip) return;
+  const math::LionScalars s = math::lion_scalars(L.config, h.lr, h.grad_scale);
   const bool master = L.dtypes.param != DType::kFloat32 && !L.lists.ptrs[kMaster].empty();
-  dispatch_float(L.dtypes.param, "param", [&](auto p_tag) {
-    dispatch_float(L.dtypes.grad, "grad", [&](auto g_tag) {
-      dispatch_float(L.dtypes.state, "state", [&](auto s_tag) {
-        dispatch_bool(master, [&](auto mst) {
-          using P = decltype(p_tag);
-          using G = decltype(g_tag);
-          using S = decltype(s_tag);
-          cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
-            lion_loop<P, G, S, decltype(mst)::value>(L.lists, w.tensor, w.begin, w.end, s);
-          });
-        });
+  dispatch_param_grad_state(L.dtypes.param, L.dtypes.grad, L.dtypes.state, [&](auto p_tag, auto g_tag, auto s_tag) {
+    dispatch_bool(master, [&](auto mst) {
+      using P = decltype(p_tag);
+      using G = decltype(g_tag);
+      using S = decltype(s_tag);
+      cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
+        lion_loop<P, G, S, decltype(mst)::value>(L.lists, w.tensor, w.begin, w.end, s);
       });
     });
   });

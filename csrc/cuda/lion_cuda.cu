@@ -61,23 +61,14 @@ void lion_step_cuda(const LionLaunch& L) {
   args.grad_scale = reinterpret_cast<const float*>(L.device_ptrs.grad_scale);
   args.found_inf = reinterpret_cast<const float*>(L.device_ptrs.found_inf);
   args.master = L.dtypes.param != DType::kFloat32 && !L.lists.ptrs[kMaster].empty();
-  dispatch_float(L.dtypes.param, "param", [&](auto p_tag) {
-    dispatch_float(L.dtypes.grad, "grad", [&](auto g_tag) {
-      auto run = [&](auto s_tag) {
-        using P = decltype(p_tag);
-        using G = decltype(g_tag);
-        using S = decltype(s_tag);
-        multi_tensor_apply<kAdamSlots>(L.lists, max_blocks<lion_kernel<P, G, S>>(), args.found_inf, stream,
-                                       [&](const TensorListMeta<kAdamSlots>& meta, int grid) {
-                                         lion_kernel<P, G, S><<<grid, kBlockSize, 0, stream>>>(meta, args);
-                                       });
-      };
-      if (L.dtypes.state == DType::kBFloat16) {
-        run(bf16_t{});
-      } else {
-        run(float{});
-      }
-    });
+  dispatch_param_grad_state(L.dtypes.param, L.dtypes.grad, L.dtypes.state, [&](auto p_tag, auto g_tag, auto s_tag) {
+    using P = decltype(p_tag);
+    using G = decltype(g_tag);
+    using S = decltype(s_tag);
+    multi_tensor_apply<kAdamSlots>(L.lists, max_blocks<lion_kernel<P, G, S>>(), args.found_inf, stream,
+                                   [&](const TensorListMeta<kAdamSlots>& meta, int grid) {
+                                     lion_kernel<P, G, S><<<grid, kBlockSize, 0, stream>>>(meta, args);
+                                   });
   });
 }
 

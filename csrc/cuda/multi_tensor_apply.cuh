@@ -35,7 +35,7 @@ struct TensorListMeta {
   int num_tensors;
 };
 // Kernel parameters are limited to 32764 bytes; leave 1 KiB for the optimizer's own arguments.
-static_assert(sizeof(TensorListMeta<kAdamSlots>) + 1024 <= 32764, "kernel parameter budget is 32764 bytes");
+static_assert(sizeof(TensorListMeta<kMaxSlots>) + 1024 <= 32764, "kernel parameter budget is 32764 bytes");
 
 // Calls f(t, start, n, first_visit) for each chunk this block owns; first_visit is true when
 // the block reaches a tensor it has not seen yet (per-tensor scalars are recomputed then).
@@ -141,7 +141,7 @@ void multi_tensor_apply(const TensorLists& lists, int max_blocks, const float* f
     const int k = meta.num_tensors;
     bool aligned = true;
     for (int d = 0; d < kDepth; ++d) {
-      const uintptr_t p = d < kAdamSlots ? lists.ptr(d, t) : 0;
+      const uintptr_t p = d < kMaxSlots ? lists.ptr(d, t) : 0;
       meta.ptrs[d][k] = reinterpret_cast<void*>(p);
       aligned = aligned && is_aligned16(p);
     }

@@ -94,3 +94,22 @@ def lion_step_(
         L.lr, float(beta1), float(beta2), float(weight_decay), bool(maximize),
         L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr, L.stream, L.num_threads,
     )
+
+
+def adam8bit_step_(
+    params, grads, exp_avgs, exp_avg_absmaxs, exp_avg_sqs, exp_avg_sq_absmaxs, masters, steps, *,
+    signed_map, unsigned_map, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+    grad_scale=None, found_inf=None,
+) -> None:
+    """One fused blockwise 8-bit Adam/AdamW step, in place: exp_avgs/exp_avg_sqs are uint8 codes
+    into signed_map/unsigned_map (256 fp32 values on the params' device), with one fp32 absmax per
+    256-element block in exp_avg_absmaxs/exp_avg_sq_absmaxs (see fusedopt/quant.py)."""
+    L = _Launch(params[0].device, lr, grad_scale, found_inf)
+    L.run(
+        lib().adam8bit_step,
+        L.device_code, _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_absmaxs), _ptrs(exp_avg_sqs),
+        _ptrs(exp_avg_sq_absmaxs), _ptrs(masters), _ptrs(steps), [p.numel() for p in params],
+        DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype], signed_map.data_ptr(), unsigned_map.data_ptr(),
+        L.lr, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
+        L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr, L.stream, L.num_threads,
+    )

@@ -30,6 +30,7 @@ WEIGHT_DECAY = 0.1
 OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
     "torch": lambda groups: torch.optim.AdamW(groups, **ADAMW),
     "fusedopt": lambda groups: fusedopt.AdamW(groups, **ADAMW),
+    "adamw8bit": lambda groups: fusedopt.AdamW8bit(groups, **ADAMW),
     # Lion: the paper's guidance, lr 3-10x below AdamW's and weight decay 3-10x above it
     "lion": lambda groups: fusedopt.Lion(
         [{**g, "weight_decay": 3 * g["weight_decay"]} for g in groups], lr=ADAMW["lr"] / 3, betas=(0.9, 0.99)

@@ -27,4 +27,19 @@ void dispatch_bool(bool b, F&& f) {
   }
 }
 
+// The (param, grad, state) storage types of an elementwise optimizer launch. States are float32 or
+// bfloat16 only (ops.cpp rejects fp16 states), which halves the instantiations.
+template <typename F>
+void dispatch_param_grad_state(DType param, DType grad, DType state, F&& f) {
+  dispatch_float(param, "param", [&](auto p_tag) {
+    dispatch_float(grad, "grad", [&](auto g_tag) {
+      if (state == DType::kBFloat16) {
+        f(p_tag, g_tag, bf16_t{});
+      } else {
+        f(p_tag, g_tag, float{});
+      }
+    });
+  });
+}
+
 }  // namespace fusedopt

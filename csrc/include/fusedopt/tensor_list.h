@@ -10,11 +10,15 @@ namespace fusedopt {
 
 // Slot order of the per-tensor pointers of an Adam launch (PyTorch's kParamIdx... convention).
 enum AdamSlot : int { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMaster, kAdamSlots };
+// 8-bit Adam adds the fp32 absmax of each 256-element block of exp_avg / exp_avg_sq (whose slots
+// then hold uint8 codes).
+enum Adam8bitSlot : int { kExpAvgAbsmax = kAdamSlots, kExpAvgSqAbsmax, kAdam8bitSlots };
+constexpr int kMaxSlots = kAdam8bitSlots;
 
 // One launch: n tensors, each with a pointer per slot (0 when the slot is unused), its element
 // count and the address of its fp32 step counter (host memory on CPU, device memory on CUDA).
 struct TensorLists {
-  std::vector<uintptr_t> ptrs[kAdamSlots];
+  std::vector<uintptr_t> ptrs[kMaxSlots];
   std::vector<int64_t> numels;
   std::vector<uintptr_t> steps;
   size_t size() const { return numels.size(); }
@@ -34,5 +38,18 @@ struct DevicePtrs {
   uintptr_t grad_scale = 0;  // float*: divide grads by it
   uintptr_t found_inf = 0;   // float*: when nonzero, skip the whole step (state and step untouched)
 };
+
+// DevicePtrs read on the CPU backend, where they point to host memory.
+struct HostScalars {
+  bool skip;
+  float grad_scale;
+  double lr;
+};
+
+inline HostScalars read_host_scalars(const DevicePtrs& d, double lr) {
+  auto at = [](uintptr_t p) { return *reinterpret_cast<const float*>(p); };
+  return {d.found_inf != 0 && at(d.found_inf) != 0.0f, d.grad_scale ? at(d.grad_scale) : 1.0f,
+          d.lr ? double(at(d.lr)) : lr};
+}
 
 }  // namespace fusedopt

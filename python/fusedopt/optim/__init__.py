@@ -1,4 +1,5 @@
 from fusedopt.optim.adam import Adam, AdamW
+from fusedopt.optim.adam8bit import Adam8bit, AdamW8bit
 from fusedopt.optim.lion import Lion
 
-__all__ = ["Adam", "AdamW", "Lion"]
+__all__ = ["Adam", "AdamW", "Adam8bit", "AdamW8bit", "Lion"]

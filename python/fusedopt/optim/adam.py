@@ -11,6 +11,7 @@ from fusedopt.optim.base import (
     reject_torch_only_flags,
     state_dtype_name,
 )
+from fusedopt.quant import dequantize_adam_state
 
 
 class Adam(FusedOptimizer):
@@ -84,14 +85,7 @@ class Adam(FusedOptimizer):
     def _validate_group(self, group: dict, index: int, at_step: bool = False) -> None:
         self._check_hyper(group, f"param group {index}", at_step)
 
-    def _normalize_loaded_group(self, group: dict) -> None:
-        group["state_dtype"] = state_dtype_name(group["state_dtype"])
-        group["betas"] = tuple(group["betas"])
-
     # --- state -----------------------------------------------------------------------------
-    def _wants_master(self, group: dict, p: torch.Tensor) -> bool:
-        return group["master_weights"] and p.dtype != torch.float32
-
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         sd = STATE_DTYPES[group["state_dtype"]]
         state = {
@@ -102,11 +96,13 @@ class Adam(FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         if self._wants_master(group, p):
-            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p)
+            state["master_param"] = self._copy_like(p, p, torch.float32)
         return state
 
     def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
         self._check_loaded_shapes(p, saved, where)
+        # An Adam8bit/AdamW8bit checkpoint: its uint8 moments are dequantized to fp32 first.
+        saved = dequantize_adam_state(saved, p.numel(), where)
         needed = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         missing = [k for k in needed if k not in saved]
         if missing:
@@ -116,25 +112,16 @@ class Adam(FusedOptimizer):
         state["step"] = self._new_step(p, float(torch.as_tensor(saved["step"]).item()))
         for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if k in saved:
-                state[k] = torch.empty_like(p, dtype=sd).copy_(saved[k])
+                state[k] = self._copy_like(p, saved[k], sd)
         if self._wants_master(group, p):
-            src = saved.get("master_param", p)
-            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(src)
+            state["master_param"] = self._copy_like(p, saved.get("master_param", p), torch.float32)
         return state
 
     # --- step ------------------------------------------------------------------------------
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
-        buckets: dict[tuple, list] = {}
-        for p, g in pairs:
-            state = self.state[p]
-            if len(state) == 0:
-                state.update(self._init_state(p, group))
-            master = "master_param" in state and p.dtype != torch.float32
-            key = (p.device, p.dtype, g.dtype, state["exp_avg"].dtype, master)
-            buckets.setdefault(key, []).append((p, g, state))
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
-        for (*_, master), items in buckets.items():
+        for (*_, master), items in self._buckets(group, pairs).items():
             states = [s for _, _, s in items]
             adam_step_(
                 [p for p, _, _ in items],

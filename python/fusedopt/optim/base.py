@@ -187,6 +187,22 @@ class FusedOptimizer(Optimizer):
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
         raise NotImplementedError
 
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _buckets(self, group: dict, pairs) -> dict[tuple, list]:
+        """Initialize missing state, then split (param, grad, state) triples into one bucket per
+        native launch: same device, param/grad/state dtypes and master-weights flag."""
+        buckets: dict[tuple, list] = {}
+        for p, g in pairs:
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(self._init_state(p, group))
+            master = "master_param" in state and p.dtype != torch.float32
+            key = (p.device, p.dtype, g.dtype, state["exp_avg"].dtype, master)
+            buckets.setdefault(key, []).append((p, g, state))
+        return buckets
+
     # --- state -----------------------------------------------------------------------------
     @staticmethod
     def _new_step(p: torch.Tensor, value: float = 0.0) -> torch.Tensor:
@@ -198,6 +214,15 @@ class FusedOptimizer(Optimizer):
     def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
         """Convert one param's loaded state to this optimizer's layout; raise before any mutation."""
         raise NotImplementedError
+
+    @staticmethod
+    def _wants_master(group: dict, p: torch.Tensor) -> bool:
+        return group.get("master_weights", False) and p.dtype != torch.float32
+
+    @staticmethod
+    def _copy_like(p: torch.Tensor, src, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh tensor with p's layout and device, holding src in dtype."""
+        return torch.empty_like(p, dtype=dtype).copy_(src)
 
     def _check_loaded_shapes(self, p: torch.Tensor, saved: dict, where: str) -> None:
         for key in self._elementwise_state_keys:
@@ -262,4 +287,8 @@ class FusedOptimizer(Optimizer):
             post_hook(self)
 
     def _normalize_loaded_group(self, group: dict) -> None:
-        """Fix up a loaded group in place (e.g. coerce option formats); subclasses extend."""
+        """Coerce option formats of a loaded group in place; subclasses extend."""
+        if "state_dtype" in group:
+            group["state_dtype"] = state_dtype_name(group["state_dtype"])
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])

@@ -56,18 +56,11 @@ class Lion(FusedOptimizer):
     def _validate_group(self, group: dict, index: int, at_step: bool = False) -> None:
         self._check_group(group, f"param group {index}", at_step)
 
-    def _normalize_loaded_group(self, group: dict) -> None:
-        group["state_dtype"] = state_dtype_name(group["state_dtype"])
-        group["betas"] = tuple(group["betas"])
-
-    def _wants_master(self, group: dict, p: torch.Tensor) -> bool:
-        return group["master_weights"] and p.dtype != torch.float32
-
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         sd = STATE_DTYPES[group["state_dtype"]]
         state = {"exp_avg": torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)}
         if self._wants_master(group, p):
-            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p)
+            state["master_param"] = self._copy_like(p, p, torch.float32)
         return state
 
     def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
@@ -75,22 +68,14 @@ class Lion(FusedOptimizer):
         if "exp_avg" not in saved:
             raise ValueError(f"{where}: state lacks 'exp_avg'")
         state = {k: v for k, v in saved.items() if k not in self._elementwise_state_keys}
-        state["exp_avg"] = torch.empty_like(p, dtype=STATE_DTYPES[group["state_dtype"]]).copy_(saved["exp_avg"])
+        state["exp_avg"] = self._copy_like(p, saved["exp_avg"], STATE_DTYPES[group["state_dtype"]])
         if self._wants_master(group, p):
-            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(saved.get("master_param", p))
+            state["master_param"] = self._copy_like(p, saved.get("master_param", p), torch.float32)
         return state
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
-        buckets: dict[tuple, list] = {}
-        for p, g in pairs:
-            state = self.state[p]
-            if len(state) == 0:
-                state.update(self._init_state(p, group))
-            master = "master_param" in state and p.dtype != torch.float32
-            key = (p.device, p.dtype, g.dtype, state["exp_avg"].dtype, master)
-            buckets.setdefault(key, []).append((p, g, state))
         beta1, beta2 = group["betas"]
-        for (*_, master), items in buckets.items():
+        for (*_, master), items in self._buckets(group, pairs).items():
             lion_step_(
                 [p for p, _, _ in items],
                 [g for _, g, _ in items],

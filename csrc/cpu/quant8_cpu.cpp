@@ -1,0 +1,49 @@
+// Blockwise quantize / dequantize of a flat fp32 buffer on the CPU, through math/quant8.h: the
+// same rounding the 8-bit optimizers apply in place, exposed for checkpoint conversion and tests.
+#include <algorithm>
+#include <vector>
+
+#include "cpu/parallel.h"
+#include "cpu/quantize_block.h"
+#include "fusedopt/math/quant8.h"
+#include "ops.h"
+
+namespace fusedopt {
+
+using math::kQuantBlock;
+static_assert(cpu::kChunkSize % kQuantBlock == 0, "a CPU work item must hold whole quantization blocks");
+
+void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, bool is_signed, uintptr_t codes,
+                            uintptr_t absmax, int num_threads) {
+  const float* x = reinterpret_cast<const float*>(src);
+  const float* q = reinterpret_cast<const float*>(map);
+  uint8_t* c = reinterpret_cast<uint8_t*>(codes);
+  float* a = reinterpret_cast<float*>(absmax);
+  cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
+    for (int64_t b0 = w.begin; b0 < w.end; b0 += kQuantBlock) {
+      const int64_t b1 = std::min<int64_t>(w.end, b0 + kQuantBlock);
+      float amax = 0.0f;
+      for (int64_t i = b0; i < b1; ++i) amax = math::max_of(amax, fabsf(x[i]));
+      a[b0 / kQuantBlock] = amax;
+      const float inv = math::inv_absmax(amax);
+      if (is_signed) {
+        cpu::quantize_block<true>(q, x + b0, int(b1 - b0), inv, c + b0);
+      } else {
+        cpu::quantize_block<false>(q, x + b0, int(b1 - b0), inv, c + b0);
+      }
+    }
+  });
+}
+
+void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uintptr_t map, uintptr_t dst,
+                              int num_threads) {
+  const uint8_t* c = reinterpret_cast<const uint8_t*>(codes);
+  const float* a = reinterpret_cast<const float*>(absmax);
+  const float* q = reinterpret_cast<const float*>(map);
+  float* y = reinterpret_cast<float*>(dst);
+  cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
+    for (int64_t i = w.begin; i < w.end; ++i) y[i] = math::dequantize(q, c[i], a[i / kQuantBlock]);
+  });
+}
+
+}  // namespace fusedopt

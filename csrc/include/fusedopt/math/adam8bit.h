@@ -1,0 +1,37 @@
+// Blockwise 8-bit Adam/AdamW (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+// Quantization"): the per-element rule shared by the CPU loop and the CUDA kernel. Per block of
+// math::kQuantBlock elements, every backend does:
+//   1. m = dequantize(signed map, code_m, absmax_m); v = dequantize(unsigned map, code_v, absmax_v)
+//   2. adam8bit_update(p, g, m, v)             -- math::adam_update, unchanged
+//   3. absmax_m = max |m|, absmax_v = max v    -- over the block: the one backend-specific part
+//   4. code_m = quantize_signed(m), code_v = quantize_unsigned(v) with the new absmaxes
+//
+// Non-finite policy. A block shares one absmax, so one inf/NaN moment would poison the 255 other
+// elements of its block (absmax inf or NaN -> every element inf/NaN). An element whose updated m
+// or v is not finite (a NaN/inf grad, or a grad so large that g*g overflows) is therefore skipped
+// for this step: its param, m and v keep their previous values, and the rest of the block updates
+// normally. (bnb instead zeroes m and v of such an element, which makes its next update spike to
+// ~(1-beta1)/sqrt(1-beta2) = 3x lr.) With a GradScaler the whole step is skipped first, as in AdamW.
+#pragma once
+
+#include "fusedopt/macros.h"
+#include "fusedopt/math/adam.h"
+#include "fusedopt/math/quant8.h"
+
+namespace fusedopt {
+namespace math {
+
+// Finite test that survives -ffinite-math-only style flags and vectorizes: false for NaN and +-inf.
+FUSEDOPT_HD bool is_finite(float x) { return fabsf(x) <= 3.402823466e+38f; }
+
+FUSEDOPT_HD void adam8bit_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
+  float p1 = p, m1 = m, v1 = v, unused = 0.0f;
+  adam_update<false>(p1, g, m1, v1, unused, s);
+  const bool ok = is_finite(m1) && is_finite(v1);
+  p = ok ? p1 : p;
+  m = ok ? m1 : m;
+  v = ok ? v1 : v;
+}
+
+}  // namespace math
+}  // namespace fusedopt

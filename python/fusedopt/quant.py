@@ -1,0 +1,177 @@
+"""Blockwise 8-bit quantization of optimizer moments: the maps, and conversions for checkpoints.
+
+A moment tensor is cut into blocks of ``BLOCK = 256`` consecutive elements, in the tensor's memory
+order. A block keeps one fp32 ``absmax`` (its largest magnitude) and one uint8 code per element:
+``value ~= map[code] * absmax``. Quantizing rounds ``value / absmax`` to the nearest map entry; the
+rounding itself lives in C++ (csrc/include/fusedopt/math/quant8.h) and is used here through the
+native CPU entry points, so checkpoint conversion rounds exactly as the optimizer step does.
+
+The maps are *dynamic* maps (Dettmers 2016, "8-Bit Approximations for Parallelism in Deep
+Learning"; bitsandbytes' ``create_dynamic_map``): a sign, a decade and a linear fraction, so
+relative precision is roughly even over 7 decades instead of concentrated near absmax. Decade
+``10**(i-6)`` (``i = 0..6``) holds the midpoints of ``n_i`` equal steps of ``[0.1, 1] * 10**(i-6)``:
+
+- unsigned (``exp_avg_sq >= 0``): ``n_i = 2**(i+1)``, 2 + 4 + ... + 128 = 254 values, plus 0 and 1;
+- signed (``exp_avg``): ``n_i = 2**i``, 127 values per sign, plus 0 and 1; the most negative
+  midpoint (-0.99297) is moved to -1, so a block's extreme element is exact whatever its sign
+  (in bitsandbytes' map -1 is not representable and costs that element 0.7%).
+
+Both maps are strictly increasing, hold 0 exactly (code 127 signed, 0 unsigned) and reach 1 (and
+-1). Worst-case rounding error, relative to absmax: 0.0035 (unsigned) / 0.0070 (signed) for values
+in [0.1, 1] * absmax, ten times less per decade below. The values are computed in float64 and
+rounded once to float32, so they do not depend on the machine.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from fusedopt._ext import lib
+
+BLOCK = 256
+MAP_SIZE = 256
+DECADES = 7
+SIGNED_ZERO_CODE = 127
+UNSIGNED_ZERO_CODE = 0
+
+
+@functools.cache
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256 sorted float32 values a code stands for (CPU tensor; do not modify)."""
+    values = [0.0, 1.0]
+    for i in range(DECADES):
+        n = 2**i if signed else 2 ** (i + 1)
+        scale = 10.0 ** (i - (DECADES - 1))
+        edges = [0.1 + 0.9 * k / n for k in range(n + 1)]
+        mids = [scale * (a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        values += mids + ([-x for x in mids] if signed else [])
+    values.sort()
+    if signed:
+        values[0] = -1.0
+    assert len(values) == MAP_SIZE
+    return torch.tensor(values, dtype=torch.float64).to(torch.float32)
+
+
+@functools.cache
+def _maps_cached(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    maps = dynamic_map(True).to(device), dynamic_map(False).to(device)
+    if device.type == "cuda":
+        # A copy from pageable memory may still be in flight when .to() returns; kernels on
+        # other streams will read these tensors, so finish it (once per device and process).
+        torch.cuda.current_stream(device).synchronize()
+    return maps
+
+
+def maps_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed, unsigned) maps on `device`, copied there once (so later steps never copy, and a
+    captured CUDA graph can keep reading them)."""
+    return _maps_cached(torch.device(device))
+
+
+def num_blocks(numel: int) -> int:
+    return math.ceil(numel / BLOCK)
+
+
+def zero_code(signed: bool) -> int:
+    return SIGNED_ZERO_CODE if signed else UNSIGNED_ZERO_CODE
+
+
+# --- memory order ---------------------------------------------------------------------------
+def _is_dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def memory_order_flat(t: torch.Tensor) -> torch.Tensor:
+    """1-D view of a dense tensor in memory order: the order the 256-element blocks are cut in
+    (it differs from index order for e.g. channels_last params). Non-dense tensors are copied."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if _is_dense(t):
+        return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    return t.contiguous().view(-1)
+
+
+def _like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`flat` (memory order) as a tensor with `like`'s shape and strides."""
+    out = torch.empty_like(like, dtype=flat.dtype, device=flat.device)
+    memory_order_flat(out).copy_(flat)
+    return out
+
+
+# --- conversions (native CPU code; checkpoint-time only, so the device round trip is fine) ----
+def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) of a float tensor: codes have x's shape and strides (uint8), absmax is
+    fp32 of shape (ceil(numel / 256),); both on x's device. Non-finite values raise."""
+    flat = memory_order_flat(x).detach().to("cpu", torch.float32).contiguous()
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("cannot quantize a tensor holding inf or NaN (the block's absmax would be poisoned)")
+    if not signed and bool((flat < 0).any()):
+        raise ValueError("the unsigned map holds values >= 0 only (exp_avg_sq is never negative)")
+    codes = torch.empty(flat.numel(), dtype=torch.uint8)
+    absmax = torch.empty(num_blocks(flat.numel()), dtype=torch.float32)
+    lib().quantize_blockwise(
+        flat.data_ptr(), flat.numel(), dynamic_map(signed).data_ptr(), bool(signed), codes.data_ptr(),
+        absmax.data_ptr(), torch.get_num_threads(),
+    )
+    return _like(codes.to(x.device), x), absmax.to(x.device)
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """fp32 tensor with the codes' shape, strides and device."""
+    flat = memory_order_flat(codes).to("cpu").contiguous()
+    if flat.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {flat.dtype}")
+    if absmax.numel() != num_blocks(flat.numel()):
+        raise ValueError(f"{absmax.numel()} absmax values for {flat.numel()} elements; expected {num_blocks(flat.numel())}")
+    scale = absmax.detach().to("cpu", torch.float32).contiguous()
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    lib().dequantize_blockwise(
+        flat.data_ptr(), scale.data_ptr(), flat.numel(), dynamic_map(signed).data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return _like(out.to(codes.device), codes)
+
+
+# --- optimizer state ------------------------------------------------------------------------
+# 8-bit Adam state key -> (absmax key, signed map?)
+ADAM_8BIT_MOMENTS = {"exp_avg": ("exp_avg_absmax", True), "exp_avg_sq": ("exp_avg_sq_absmax", False)}
+
+
+def is_8bit_adam_state(saved: dict) -> bool:
+    return any(absmax_key in saved for absmax_key, _ in ADAM_8BIT_MOMENTS.values())
+
+
+def check_8bit_adam_state(saved: dict, numel: int, where: str) -> None:
+    """Raise ValueError (naming `where`) unless `saved` holds well-formed 8-bit moments."""
+    for key, (absmax_key, _) in ADAM_8BIT_MOMENTS.items():
+        codes, absmax = saved.get(key), saved.get(absmax_key)
+        if not isinstance(codes, torch.Tensor) or not isinstance(absmax, torch.Tensor):
+            raise ValueError(f"{where}: an 8-bit state needs tensors '{key}' and '{absmax_key}'")
+        if codes.dtype != torch.uint8:
+            raise ValueError(f"{where}: state['{key}'] of an 8-bit state must be uint8 codes, got {codes.dtype}")
+        if absmax.dtype != torch.float32 or absmax.shape != (num_blocks(numel),):
+            raise ValueError(
+                f"{where}: state['{absmax_key}'] must be float32 of shape ({num_blocks(numel)},) "
+                f"(one per {BLOCK}-element block), got {absmax.dtype} {tuple(absmax.shape)}"
+            )
+        if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
+            raise ValueError(f"{where}: state['{absmax_key}'] holds negative or non-finite values")
+
+
+def dequantize_adam_state(saved: dict, numel: int, where: str) -> dict:
+    """A copy of an Adam state dict with 8-bit moments replaced by fp32 tensors; any other state
+    is returned as is. This is how fusedopt.Adam/AdamW load an Adam8bit/AdamW8bit checkpoint."""
+    if not is_8bit_adam_state(saved):
+        return saved
+    check_8bit_adam_state(saved, numel, where)
+    out = {k: v for k, v in saved.items() if k not in ("exp_avg_absmax", "exp_avg_sq_absmax")}
+    for key, (absmax_key, signed) in ADAM_8BIT_MOMENTS.items():
+        out[key] = dequantize_blockwise(saved[key], saved[absmax_key], signed)
+    return out

@@ -1,0 +1,143 @@
+"""fusedopt.quant: the dynamic maps and blockwise quantization (native rounding vs a torch reference)."""
+import pytest
+import torch
+
+from fusedopt import quant
+from reference import block_absmax, reference_quantize
+
+SMAP, UMAP = quant.dynamic_map(True), quant.dynamic_map(False)
+
+
+def _bnb_dynamic_map(signed):
+    """bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7, total_bits=8), transcribed."""
+    data = []
+    for i in range(7):
+        n = 2**i if signed else 2 ** (i + 1)
+        b = torch.linspace(0.1, 1, n + 1)
+        means = ((b[:-1] + b[1:]) / 2.0) * 10 ** (i - 6)
+        data += means.tolist() + ((-means).tolist() if signed else [])
+    return torch.tensor(sorted(data + [0.0, 1.0]))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_properties(signed):
+    q = quant.dynamic_map(signed)
+    assert q.dtype == torch.float32 and q.shape == (256,)
+    assert bool((q[1:] > q[:-1]).all())  # strictly increasing: binary search and nearest are well defined
+    assert q[quant.zero_code(signed)].item() == 0.0
+    assert q[-1].item() == 1.0
+    assert q[0].item() == (-1.0 if signed else 0.0)
+    # dynamic: the decade [10^-k, 10^(1-k)) holds 2^(8-k) values for k = 1..7 (the signed map
+    # splits them between the signs; -1 took one negative slot of the top decade)
+    for k in range(1, 8):
+        in_decade = ((q.abs() >= 10.0**-k) & (q.abs() < 10.0 ** (1 - k))).sum().item()
+        assert in_decade == 2 ** (8 - k) - (1 if signed and k == 1 else 0)
+    assert (q.abs() < 1e-7).sum().item() == 1  # nothing but 0 below the last decade
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_is_bitsandbytes_dynamic_map_except_minus_one(signed):
+    ours, bnb = quant.dynamic_map(signed), _bnb_dynamic_map(signed)
+    if signed:
+        assert bnb[0].item() == pytest.approx(-0.99297, abs=1e-5)  # bnb cannot represent -1
+        ours, bnb = ours[1:], bnb[1:]
+    torch.testing.assert_close(ours, bnb, rtol=1e-6, atol=0)  # ours: float64 math, rounded once
+
+
+def _data(n, scale_spread=True):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g)
+    if scale_spread:  # blocks of very different scales, some elements tiny, one block all zero
+        x = x * torch.logspace(-6, 2, n).flip(0)[torch.randperm(n, generator=g)]
+        x[256:512] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 5000, 70001])
+def test_native_quantizer_equals_torch_reference_bitwise(signed, n):
+    x = _data(n)
+    if not signed:
+        x = x.abs()
+    codes, absmax = quant.quantize_blockwise(x, signed)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert absmax.shape == (quant.num_blocks(n),)
+    assert torch.equal(absmax, block_absmax(x))
+    q = quant.dynamic_map(signed)
+    assert torch.equal(codes.long(), reference_quantize(x, absmax, q, signed))
+    back = quant.dequantize_blockwise(codes, absmax, signed)
+    assert torch.equal(back, q[codes.long()] * absmax.repeat_interleave(256)[:n])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_round_trip_error_per_block(signed):
+    """Each element lands on its nearest map entry, so its error is at most half the gap of the
+    map interval around x/absmax (times absmax). That gives per-block bounds of 0.0036 * absmax
+    (unsigned) and 0.0106 * absmax (signed; the widest gap is next to -1, see quant.py); elements
+    nudged off zero (signed) are within the smallest code of it."""
+    x = _data(70001)
+    if not signed:
+        x = x.abs()
+    q = quant.dynamic_map(signed)
+    codes, absmax = quant.quantize_blockwise(x, signed)
+    back = quant.dequantize_blockwise(codes, absmax, signed)
+    scale = absmax.repeat_interleave(256)[: x.numel()]
+    y = x / torch.where(scale > 0, scale, torch.ones_like(scale))
+    lo = (torch.searchsorted(q, y, right=True) - 1).clamp(0, 254)
+    half_gap = (q[lo + 1] - q[lo]) / 2
+    err = (x - back).abs()
+    smallest = q[quant.zero_code(signed) + 1]
+    nudgeable = (y.abs() < smallest) if signed else torch.zeros_like(y, dtype=torch.bool)
+    bound = torch.where(nudgeable, smallest, half_gap) * scale * (1 + 1e-6)
+    assert bool((err <= bound).all())
+    per_block = torch.nn.functional.pad(err, (0, (-x.numel()) % 256)).view(-1, 256).amax(1)
+    assert bool((per_block <= (0.0106 if signed else 0.0036) * absmax * (1 + 1e-6)).all())
+    # ...and far below that where it matters: the mean error on a Gaussian block is ~0.1% of absmax
+    assert (err / scale.clamp_min(1e-30)).mean().item() < 2e-3
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_extremes_zeros_and_all_zero_blocks_are_exact(signed):
+    x = torch.zeros(1024)
+    x[:256] = torch.rand(256) + 0.1
+    x[3] = 7.5  # the block's largest magnitude round-trips exactly
+    if signed:
+        x[256:512] = -(torch.rand(256) + 0.1)
+        x[300] = -9.25  # exact with either sign: -1 is in the signed map
+    x[600] = 0.0  # zeros inside a nonzero block
+    x[512:] = 0.0
+    x[700] = 1e-3
+    codes, absmax = quant.quantize_blockwise(x, signed)
+    back = quant.dequantize_blockwise(codes, absmax, signed)
+    assert back[3].item() == 7.5 and absmax[0].item() == 7.5
+    if signed:
+        assert back[300].item() == -9.25
+    assert absmax[3].item() == 0.0 and bool((back[768:] == 0).all())
+    assert bool((codes[768:] == quant.zero_code(signed)).all())
+    assert back[600].item() == 0.0 and back[700].item() == x[700].item()  # alone in its block: exact
+
+
+def test_signed_codes_keep_the_sign_of_tiny_values():
+    x = torch.tensor([1.0, 1e-12, -1e-12, 3e-8, -3e-8, 0.0] + [0.5] * 250)
+    codes, absmax = quant.quantize_blockwise(x, True)
+    back = quant.dequantize_blockwise(codes, absmax, True)
+    assert torch.equal(back.sign(), x.sign())
+
+
+def test_blocks_follow_memory_order():
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    codes, absmax = quant.quantize_blockwise(x, True)
+    assert codes.stride() == x.stride()
+    flat_codes, flat_absmax = quant.quantize_blockwise(quant.memory_order_flat(x).clone(), True)
+    assert torch.equal(quant.memory_order_flat(codes), flat_codes) and torch.equal(absmax, flat_absmax)
+    back = quant.dequantize_blockwise(codes, absmax, True)
+    assert back.stride() == x.stride() and (back - x).abs().max().item() <= 0.0106 * x.abs().max().item()
+
+
+def test_non_finite_or_negative_input_is_refused():
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quant.quantize_blockwise(torch.tensor([1.0, float("nan")]), True)
+    with pytest.raises(ValueError, match=">= 0"):
+        quant.quantize_blockwise(torch.tensor([1.0, -1.0]), False)
+    with pytest.raises(ValueError, match="absmax"):
+        quant.dequantize_blockwise(torch.zeros(300, dtype=torch.uint8), torch.ones(1), True)
