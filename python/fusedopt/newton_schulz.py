@@ -1,0 +1,112 @@
+"""Batched Newton-Schulz orthogonalization ("zeropower") for Muon, in torch ops.
+
+    O = zeropower(G)   # G: [..., m, n]  ->  O ~= U S' V^T  with  G = U S V^T,  S' in ~[0.7, 1.2]
+
+Same-shape matrices are stacked and run through one bmm/baddbmm chain (``orthogonalize``), not
+one matmul chain per parameter. This is the Python reference for the hand-written CUDA kernels
+that come later; nothing here is fused yet.
+
+Numerics (each choice is a fix for a failure seen in other implementations):
+- Normalization is done in fp32, per matrix, before the cast to the iteration dtype. The input is
+  first divided by its max |x|, so the Frobenius norm is computed on values in [-1, 1]: squaring
+  1e-22 underflows in fp32 (torch's norm is then 0.1% off at ||X|| = 1e-20) and squaring 1e30
+  overflows to inf. The divisor is max(||X|| * safety, eps, fp32 tiny), so NS(0) = 0 with no NaN,
+  and with the default eps=0 NS(c X) = NS(X) for every c that keeps X in the fp32 range
+  (bit-exactly when c is a power of two).
+- The iteration runs in bf16 by default (as torch.optim.Muon and Keller Jordan's reference).
+- The input is never written: a no-op dtype cast returns the same tensor, so an in-place divide
+  would silently rescale the caller's momentum buffer or grad (pytorch PR #194664).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Triple = tuple[float, float, float]
+
+# Keller Jordan's quintic: one (a, b, c) for every iteration; output singular values ~[0.7, 1.2].
+KJ_QUINTIC: Triple = (3.4445, -4.775, 2.0315)
+# Polar Express (Amsel et al., arXiv 2505.16932), 5 iterations, as modded-nanogpt and dion use it
+# together with a 1.02 safety factor on the norm (POLAR_EXPRESS_SAFETY).
+POLAR_EXPRESS: tuple[Triple, ...] = (
+    (8.1566, -22.4833, 15.8788),
+    (4.0429, -2.8089, 0.5000),
+    (3.8917, -2.7725, 0.5061),
+    (3.2858, -2.3681, 0.4645),
+    (2.3465, -1.7098, 0.4232),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+MAX_STEPS = 100  # torch.optim.Muon's limit
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def schedule_of(coefficients: Triple | Sequence[Triple], steps: int) -> list[Triple]:
+    """The (a, b, c) of each iteration. One triple is used for every step; with a list, step t
+    uses entry min(t, len - 1), i.e. the last triple repeats when steps > len (as Polar Express)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps < MAX_STEPS:
+        raise ValueError(f"ns_steps must be an int in [1, {MAX_STEPS}), got {steps!r}")
+    coefficients = list(coefficients)
+    if len(coefficients) == 3 and all(isinstance(v, (int, float)) for v in coefficients):
+        coefficients = [tuple(coefficients)]
+    triples = []
+    for t in coefficients:
+        t = tuple(float(v) for v in t)
+        if len(t) != 3:
+            raise ValueError(f"Newton-Schulz coefficients must be (a, b, c) triples, got {t!r}")
+        triples.append(t)
+    if not triples:
+        raise ValueError("empty Newton-Schulz coefficient schedule")
+    return [triples[min(t, len(triples) - 1)] for t in range(steps)]
+
+
+def normalize(x: torch.Tensor, eps: float = 0.0, safety: float = 1.0) -> torch.Tensor:
+    """x / max(||x||_F * safety, eps, tiny) per matrix over the last two dims, as a new fp32 tensor."""
+    x = x.float()  # may alias the caller's tensor when it is fp32: only out-of-place ops below
+    scale = x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY)
+    norm = torch.linalg.vector_norm(x / scale, dim=(-2, -1), keepdim=True) * scale
+    return x / (norm * safety).clamp_min(max(float(eps), _TINY))
+
+
+def zeropower(
+    g: torch.Tensor,
+    coefficients: Triple | Sequence[Triple] = KJ_QUINTIC,
+    steps: int = 5,
+    *,
+    eps: float = 0.0,
+    safety: float = 1.0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Orthogonalize every matrix of g ([..., m, n]); returns a new tensor of ``dtype``, g's shape."""
+    if g.ndim < 2:
+        raise ValueError(f"zeropower needs a matrix or a batch of matrices, got shape {tuple(g.shape)}")
+    sched = schedule_of(coefficients, steps)
+    x = normalize(g, eps, safety).to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the short side: X X^T is min(m, n)^2
+        x = x.mT
+    shape = x.shape
+    x = x.reshape(-1, shape[-2], shape[-1])
+    for a, b, c in sched:
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
+        x = torch.baddbmm(x, poly, x, beta=a)  # a*X + B@X
+    x = x.reshape(shape)
+    return x.mT if tall else x
+
+
+def orthogonalize(mats: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:
+    """zeropower of each 2-D matrix, run as one batched call per (shape, device); order is kept.
+    The stack is a copy, so the inputs (momentum buffers, grads) are never written."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        if m.ndim != 2:
+            raise ValueError(f"orthogonalize takes 2-D matrices, got shape {tuple(m.shape)} at index {i}")
+        by_shape.setdefault((tuple(m.shape), m.device), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    for idx in by_shape.values():
+        batch = zeropower(torch.stack([mats[i] for i in idx]), **kwargs)
+        for i, o in zip(idx, batch.unbind(0)):
+            out[i] = o
+    return out  # type: ignore[return-value]
