@@ -116,6 +116,9 @@ LAYOUTS: dict[type, Callable[[dict], StateLayout]] = {
     fused.Adam8bit: _fused_adam8bit,
     fused.AdamW8bit: _fused_adam8bit,
     fused.Lion: _fused_lion,
+    # Muon: one momentum_buffer in the param's dtype, no step; the router's groups say their kind
+    fused.Muon: lambda g: StateLayout(1, "param"),
+    fused.MuonWithAdamW: lambda g: StateLayout(1, "param") if g["use_muon"] else _fused_adam(g),
     torch.optim.Adam: _torch_adam,
     torch.optim.AdamW: _torch_adam,
 }
