@@ -123,12 +123,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("stream"), py::arg("num_threads"));
   m.def(
       "quantize_blockwise",
-      [](uintptr_t src, int64_t n, uintptr_t map, bool is_signed, uintptr_t codes, uintptr_t absmax, int num_threads) {
+      [](uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax, int num_threads) {
         py::gil_scoped_release release;
-        quantize_blockwise_cpu(src, n, map, is_signed, codes, absmax, num_threads);
+        quantize_blockwise_cpu(src, n, map, codes, absmax, num_threads);
       },
       "n fp32 values (CPU) -> uint8 codes + one fp32 absmax per 256-element block", py::arg("src"), py::arg("n"),
-      py::arg("map"), py::arg("is_signed"), py::arg("codes"), py::arg("absmax"), py::arg("num_threads"));
+      py::arg("map"), py::arg("codes"), py::arg("absmax"), py::arg("num_threads"));
   m.def(
       "dequantize_blockwise",
       [](uintptr_t codes, uintptr_t absmax, int64_t n, uintptr_t map, uintptr_t dst, int num_threads) {

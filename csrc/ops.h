@@ -60,8 +60,8 @@ void adam8bit_step_cuda(const Adam8bitLaunch& launch);
 
 // n fp32 values <-> uint8 codes + one absmax per 256-element block, on the CPU, through
 // math/quant8.h (checkpoint conversion and tests use these; the optimizers never do).
-void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, bool is_signed, uintptr_t codes,
-                            uintptr_t absmax, int num_threads);
+void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax,
+                            int num_threads);
 void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uintptr_t map, uintptr_t dst,
                               int num_threads);
 

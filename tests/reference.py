@@ -78,10 +78,10 @@ class ReferenceLion:
             m.mul_(b2).add_(g, alpha=1 - b2)
 
 
-def reference_quantize(x, absmax, qmap, signed, block=256):
+def reference_quantize(x, absmax, qmap, block=256):
     """Nearest-entry blockwise quantization with plain torch ops (searchsorted), written from the
     spec in fusedopt/quant.py: y = x * (1/absmax) clamped to the map, nearest entry (a tie goes
-    to the smaller), and for the signed map a nonzero x never lands on 0 or the other sign.
+    to the smaller), and a nonzero x never lands on 0 or the other sign.
     x: 1-D fp32; absmax: one per block. Returns int64 codes."""
     n = x.numel()
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax)).repeat_interleave(block)[:n]
@@ -89,9 +89,8 @@ def reference_quantize(x, absmax, qmap, signed, block=256):
     lo = (torch.searchsorted(qmap, y, right=True) - 1).clamp(0, qmap.numel() - 1)
     hi = (lo + 1).clamp(max=qmap.numel() - 1)
     c = torch.where(qmap[hi] - y < y - qmap[lo], hi, lo)
-    if signed:
-        c = torch.where((x > 0) & (qmap[c] <= 0), c + 1, c)
-        c = torch.where((x < 0) & (qmap[c] >= 0), c - 1, c)
+    c = torch.where((x > 0) & (qmap[c] <= 0), c + 1, c)
+    c = torch.where((x < 0) & (qmap[c] >= 0), c - 1, c)
     return c
 
 
@@ -142,5 +141,5 @@ class ReferenceAdam8bit:
             p.copy_(torch.where(ok, p_new, p))
             m, v = torch.where(ok, m_new, m), torch.where(ok, v_new, v)
             self.am[i], self.av[i] = block_absmax(m, self.block), block_absmax(v, self.block)
-            self.cm[i] = reference_quantize(m, self.am[i], self.smap, True, self.block)
-            self.cv[i] = reference_quantize(v, self.av[i], self.umap, False, self.block)
+            self.cm[i] = reference_quantize(m, self.am[i], self.smap, self.block)
+            self.cv[i] = reference_quantize(v, self.av[i], self.umap, self.block)

@@ -64,7 +64,7 @@ def test_native_quantizer_equals_torch_reference_bitwise(signed, n):
     assert absmax.shape == (quant.num_blocks(n),)
     assert torch.equal(absmax, block_absmax(x))
     q = quant.dynamic_map(signed)
-    assert torch.equal(codes.long(), reference_quantize(x, absmax, q, signed))
+    assert torch.equal(codes.long(), reference_quantize(x, absmax, q))
     back = quant.dequantize_blockwise(codes, absmax, signed)
     assert torch.equal(back, q[codes.long()] * absmax.repeat_interleave(256)[:n])
 
@@ -73,8 +73,8 @@ def test_native_quantizer_equals_torch_reference_bitwise(signed, n):
 def test_round_trip_error_per_block(signed):
     """Each element lands on its nearest map entry, so its error is at most half the gap of the
     map interval around x/absmax (times absmax). That gives per-block bounds of 0.0036 * absmax
-    (unsigned) and 0.0106 * absmax (signed; the widest gap is next to -1, see quant.py); elements
-    nudged off zero (signed) are within the smallest code of it."""
+    (unsigned) and 0.0106 * absmax (signed; the widest gap is next to -1, see quant.py); nonzero
+    elements nudged off zero are within the smallest nonzero entry of it."""
     x = _data(70001)
     if not signed:
         x = x.abs()
@@ -87,7 +87,7 @@ def test_round_trip_error_per_block(signed):
     half_gap = (q[lo + 1] - q[lo]) / 2
     err = (x - back).abs()
     smallest = q[quant.zero_code(signed) + 1]
-    nudgeable = (y.abs() < smallest) if signed else torch.zeros_like(y, dtype=torch.bool)
+    nudgeable = y.abs() < smallest  # 0 < |y| < smallest nonzero entry: 0 or the nudge, both within it
     bound = torch.where(nudgeable, smallest, half_gap) * scale * (1 + 1e-6)
     assert bool((err <= bound).all())
     per_block = torch.nn.functional.pad(err, (0, (-x.numel()) % 256)).view(-1, 256).amax(1)

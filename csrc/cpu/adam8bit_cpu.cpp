@@ -46,8 +46,8 @@ FUSEDOPT_HD void adam8bit_loop(const TensorLists& l, int32_t t, int64_t begin, i
     }
     am[b] = new_am;
     av[b] = new_av;
-    cpu::quantize_block<true>(smap, m, len, math::inv_absmax(new_am), cm + b0);
-    cpu::quantize_block<false>(umap, v, len, math::inv_absmax(new_av), cv + b0);
+    cpu::quantize_block(smap, m, len, math::inv_absmax(am[b]), cm + b0);
+    cpu::quantize_block(umap, v, len, math::inv_absmax(av[b]), cv + b0);
   }
 }
 

@@ -13,8 +13,8 @@ namespace fusedopt {
 using math::kQuantBlock;
 static_assert(cpu::kChunkSize % kQuantBlock == 0, "a CPU work item must hold whole quantization blocks");
 
-void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, bool is_signed, uintptr_t codes,
-                            uintptr_t absmax, int num_threads) {
+void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax,
+                            int num_threads) {
   const float* x = reinterpret_cast<const float*>(src);
   const float* q = reinterpret_cast<const float*>(map);
   uint8_t* c = reinterpret_cast<uint8_t*>(codes);
@@ -25,12 +25,7 @@ void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, bool is_sig
       float amax = 0.0f;
       for (int64_t i = b0; i < b1; ++i) amax = math::max_of(amax, fabsf(x[i]));
       a[b0 / kQuantBlock] = amax;
-      const float inv = math::inv_absmax(amax);
-      if (is_signed) {
-        cpu::quantize_block<true>(q, x + b0, int(b1 - b0), inv, c + b0);
-      } else {
-        cpu::quantize_block<false>(q, x + b0, int(b1 - b0), inv, c + b0);
-      }
+      cpu::quantize_block(q, x + b0, int(b1 - b0), math::inv_absmax(amax), c + b0);
     }
   });
 }

@@ -1,7 +1,8 @@
 // Quantizing one block on the CPU with math/quant8.h's rounding, part by part over the whole block
 // instead of element by element: each bisection step becomes one loop of independent loads that
 // the compiler turns into AVX2 gathers, where one element's 8 dependent steps cannot overlap.
-// Measured on this project's 2-core x86 machine: 8 ns instead of 50 ns per element.
+// Measured on this project's 2-core x86 machine: 8 ns instead of 50 ns per element, which brings an
+// AdamW8bit step to ~25 ns per element on one core (fp32 AdamW: ~1.2 ns).
 #pragma once
 
 #include <cstdint>
@@ -12,8 +13,7 @@
 namespace fusedopt {
 namespace cpu {
 
-// codes[k] = quantize_{signed,unsigned}(map, x[k], inv) for k < len <= kQuantBlock.
-template <bool kSigned>
+// codes[k] = math::quantize(map, x[k], inv) for k < len <= kQuantBlock.
 FUSEDOPT_CPU_KERNEL inline void quantize_block(const float* __restrict__ map, const float* __restrict__ x, int len,
                                                float inv, uint8_t* __restrict__ codes) {
   float y[math::kQuantBlock];
@@ -27,7 +27,7 @@ FUSEDOPT_CPU_KERNEL inline void quantize_block(const float* __restrict__ map, co
   }
   for (int k = 0; k < len; ++k) {
     const int c = math::nearer(map, y[k], lo[k]);
-    codes[k] = uint8_t(kSigned ? math::keep_sign(map, x[k], c) : c);
+    codes[k] = uint8_t(math::keep_sign(map, x[k], c));
   }
 }
 

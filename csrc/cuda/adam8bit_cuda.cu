@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kBlockSize)
       for (int j = 0; j < kPerLane; ++j) {
         const int64_t i = base + j * kWarpSize + lane;
         if (i < n) {
-          cm[i] = math::quantize_signed(smap, rm[j], inv_m);
-          cv[i] = math::quantize_unsigned(umap, rv[j], inv_v);
+          cm[i] = math::quantize(smap, rm[j], inv_m);
+          cv[i] = math::quantize(umap, rv[j], inv_v);
         }
       }
     }

@@ -38,18 +38,27 @@ class Adam8bit(Adam):
     - ``step`` (and ``master_param`` with ``master_weights=True``), as for Adam.
 
     Smaller params (decided per original param, as bitsandbytes) keep fp32 ``exp_avg`` /
-    ``exp_avg_sq`` and run through the fp32 fused Adam: their state is small, and norms and biases
-    are where 8-bit rounding would hurt most.
+    ``exp_avg_sq`` and run through the fp32 fused Adam: keeping their few bytes exact costs little.
 
     Differences from :class:`fusedopt.Adam`: no ``amsgrad`` and no ``state_dtype`` (the small
     params' states are fp32). Non-finite gradients: under a GradScaler the whole step is skipped,
-    as for Adam. Without one, an element whose new moment would be inf/NaN is skipped alone (its
-    param and moments keep their values) so it cannot poison the absmax of its block.
+    as for Adam. Without one, in an 8-bit param an element whose new moment would be inf/NaN is
+    skipped alone (its param and moments keep their values), so it cannot poison the absmax shared
+    by its block; small params propagate NaN/inf exactly as Adam does.
 
     Checkpoints hold plain tensors (``torch.load(weights_only=True)`` works). Loading one from
     ``torch.optim.Adam(W)`` or ``fusedopt.Adam(W)`` quantizes its moments; ``fusedopt.Adam(W)``
     loads this optimizer's checkpoints by dequantizing them. Resuming an 8-bit checkpoint copies
     the codes, so it continues bitwise identically.
+
+    Second moment with ``beta2`` near 1. Per step ``v`` shrinks by at most ``1 - beta2`` of itself
+    and grows little unless the gradient jumps: less than half a rounding step of the map (0.35% of
+    the block's absmax near the top). Rounding to nearest (as bitsandbytes and torchao do) loses
+    such changes, so an element's ``v`` in effect moves with its block's absmax, i.e. its largest
+    element; when that one decays (a past gradient spike fading) its neighbours' ``v`` decays along
+    and their steps come out longer than AdamW's. Measured on a small MLP over 300 steps: ``v`` at
+    0.75x AdamW's and a 2-13% lower loss at ``beta2 = 0.999``, -6% to +0.2% at 0.99, no bias
+    (+-1%) at 0.95.
     """
 
     def __init__(
