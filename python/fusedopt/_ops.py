@@ -9,6 +9,18 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/in
 DEVICE_CODES = {"cpu": 0, "cuda": 1}
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """True when the tensor's elements fill its memory span exactly (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
 def _ptrs(tensors) -> list[int]:
     return [t.data_ptr() for t in tensors]
 

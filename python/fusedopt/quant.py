@@ -31,6 +31,7 @@ import functools
 import torch
 
 from fusedopt._ext import lib
+from fusedopt._ops import is_dense
 
 BLOCK = 256
 MAP_SIZE = 256
@@ -81,21 +82,12 @@ def zero_code(signed: bool) -> int:
 
 
 # --- memory order ---------------------------------------------------------------------------
-def _is_dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for d in sorted(range(t.dim()), key=t.stride):
-        if t.size(d) != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
-
-
 def memory_order_flat(t: torch.Tensor) -> torch.Tensor:
     """1-D view of a dense tensor in memory order: the order the 256-element blocks are cut in
     (it differs from index order for e.g. channels_last params). Non-dense tensors are copied."""
     if t.is_contiguous():
         return t.view(-1)
-    if _is_dense(t):
+    if is_dense(t):
         return t.as_strided((t.numel(),), (1,), t.storage_offset())
     return t.contiguous().view(-1)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from fusedopt._ops import check_device_supported
+from fusedopt._ops import check_device_supported, is_dense
 
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -30,18 +30,6 @@ def state_dtype_name(d) -> str:
 
 def as_float(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """True when the tensor's elements fill its memory span exactly (any dim order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for d in sorted(range(t.dim()), key=t.stride):
-        if t.size(d) != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
 
 
 def reject_torch_only_flags(who: str, foreach, fused, differentiable) -> None:
