@@ -1,5 +1,6 @@
 """Independent references: a plain-torch Adam/AdamW written from the paper, run in any dtype
 (float64 for ground truth), and helpers shared by the tests."""
+import io
 import math
 
 import torch
@@ -143,3 +144,11 @@ class ReferenceAdam8bit:
             self.am[i], self.av[i] = block_absmax(m, self.block), block_absmax(v, self.block)
             self.cm[i] = reference_quantize(m, self.am[i], self.smap, self.block)
             self.cv[i] = reference_quantize(v, self.av[i], self.umap, self.block)
+
+
+def through_bytes(state_dict):
+    """A state_dict after torch.save / torch.load(weights_only=True), as a checkpoint would be."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -1,0 +1,176 @@
+"""fusedopt.MuonWithAdamW: which params go to Muon and which to AdamW, one step, one state_dict."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusedopt
+from fusedopt.optim.muon import default_is_muon
+from reference import through_bytes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small matmuls with two OpenMP threads stall at barriers whenever another process holds a
+    # core (100x slower on a busy 2-core machine); nothing checked here depends on the count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# --- MuonWithAdamW -----------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(50, 16)  # an embedding whose name says nothing: found by module type
+        self.fc = nn.Linear(16, 32)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.ln = nn.LayerNorm(32)
+        self.lm_head = nn.Linear(32, 50, bias=False)
+
+    def forward(self, idx):
+        x = self.fc(self.tok(idx))  # [b, t, 32]
+        x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return self.lm_head(self.ln(x))
+
+
+def net_loss(model, seed=0):
+    idx = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(seed))
+    return nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+
+
+def routed(opt, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["use_muon"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+
+
+def test_router_sends_each_param_to_the_right_optimizer():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model)
+    assert routed(opt, model) == {
+        True: ["conv.weight", "fc.weight"],
+        False: ["conv.bias", "fc.bias", "lm_head.weight", "ln.bias", "ln.weight", "tok.weight"],
+    }
+    assert isinstance(opt.muon, fusedopt.Muon) and isinstance(opt.adamw, fusedopt.AdamW)
+
+
+def test_default_rule_by_name():
+    m = torch.zeros(4, 4)
+    for name in ["wte.weight", "transformer.wpe.weight", "lm_head.weight", "output.weight", "head.weight",
+                 "model.embed_tokens.weight", "tok_embeddings.weight", "patch_embed.proj.weight"]:
+        assert not default_is_muon(name, m), name
+    for name in ["h.0.attn.c_attn.weight", "layers.0.attention.output.dense.weight", "mlp.fc1.weight"]:
+        assert default_is_muon(name, m), name
+    assert not default_is_muon("mlp.fc1.bias", torch.zeros(4))
+
+
+def test_router_needs_names_or_explicit_kinds():
+    model = Net()
+    with pytest.raises(ValueError, match="cannot be told"):
+        fusedopt.MuonWithAdamW(model.parameters())
+    # explicit kinds per group work with plain tensors (as the demo passes them)
+    opt = fusedopt.MuonWithAdamW([{"params": [model.fc.weight], "use_muon": True, "weight_decay": 0.1},
+                                  {"params": [model.fc.bias, model.tok.weight], "use_muon": False}])
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="MuonWithAdamW"):  # a 1-D param forced into Muon
+        fusedopt.MuonWithAdamW([{"params": [model.fc.bias], "use_muon": True}])
+    with pytest.raises(ValueError, match="more than one"):
+        fusedopt.MuonWithAdamW([{"params": [model.fc.weight], "use_muon": True},
+                                {"params": [model.fc.weight], "use_muon": False}])
+
+
+def test_router_predicate_overrides_the_rule():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model, is_muon=lambda name, p: name == "lm_head.weight")
+    assert routed(opt, model)[True] == ["lm_head.weight"]
+    opt = fusedopt.MuonWithAdamW(model.named_parameters(), is_muon=lambda name, p: False)
+    assert opt.muon is None and [g["use_muon"] for g in opt.param_groups] == [False]
+
+
+def test_router_one_step_updates_both_kinds():
+    model = Net()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = fusedopt.MuonWithAdamW(model, weight_decay=0.01)
+    net_loss(model).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n
+    assert set(opt.state[model.fc.weight]) == {"momentum_buffer"}
+    assert "exp_avg" in opt.state[model.fc.bias] and "exp_avg" in opt.state[model.tok.weight]
+    report = fusedopt.memory_report(opt)
+    assert report.consistent is True, f"\n{report}"
+
+
+def test_router_state_dict_round_trip():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model, weight_decay=0.01)
+    for s in range(2):
+        opt.zero_grad()
+        net_loss(model, s).backward()
+        opt.step()
+    model2 = copy.deepcopy(model)
+    opt2 = fusedopt.MuonWithAdamW(model2, muon_lr=1.0, adamw_lr=1.0)
+    opt2.load_state_dict(through_bytes(opt.state_dict()))
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        net_loss(m, 5).backward()
+        o.step()
+    for (n, p), q in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), n
+    # a checkpoint whose group kinds differ is refused before anything changes
+    sd = opt.state_dict()
+    sd["param_groups"][0]["use_muon"] = not sd["param_groups"][0]["use_muon"]
+    snapshot = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match="group 0"):
+        opt2.load_state_dict(sd)
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], snapshot["state"][0]["momentum_buffer"])
+
+
+def test_router_failed_second_child_load_restores_the_first():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model)
+    net_loss(model).backward()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    adam_group = next(i for i, g in enumerate(sd["param_groups"]) if not g["use_muon"])
+    first = sd["param_groups"][adam_group]["params"][0]
+    sd["state"][first]["exp_avg"] = torch.zeros(3)  # wrong shape in the AdamW half
+    muon_p = opt.muon.param_groups[0]["params"][0]
+    sd["state"][0]["momentum_buffer"] = torch.full_like(sd["state"][0]["momentum_buffer"], 7.0)
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(sd)
+    assert not (opt.state[muon_p]["momentum_buffer"] == 7.0).all()
+    assert opt.muon.state is opt.state and opt.adamw.state is opt.state
+
+
+def test_router_works_with_lambda_lr():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model, muon_lr=0.02, adamw_lr=3e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    for s in range(3):
+        opt.zero_grad()
+        net_loss(model, s).backward()
+        opt.step()
+        sched.step()
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(0.02 * 0.125)
+    assert opt.adamw.param_groups[0]["lr"] == pytest.approx(3e-4 * 0.125)
+    assert opt.muon.param_groups[0] is opt.param_groups[0]
+
+
+def test_router_under_grad_scaler_matches_unscaled():
+    models = [Net(), None]
+    models[1] = copy.deepcopy(models[0])
+    opts = [fusedopt.MuonWithAdamW(m) for m in models]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(net_loss(models[0])).backward()
+    scaler.step(opts[0])
+    scaler.update()
+    net_loss(models[1]).backward()
+    opts[1].step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q)  # power-of-two scale: unscaling is exact up to reduction order
