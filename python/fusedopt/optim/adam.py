@@ -50,6 +50,7 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         master_weights: bool = False,
         state_dtype: torch.dtype | str = torch.float32,
+        _extra_defaults: dict | None = None,
     ) -> None:
         reject_torch_only_flags(f"fusedopt.{type(self).__name__}", foreach, fused, differentiable)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -68,6 +69,7 @@ class Adam(FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             master_weights=bool(master_weights),
             state_dtype=state_dtype_name(state_dtype),
+            **(_extra_defaults or {}),  # subclasses' own group options (e.g. min_8bit_size)
         )
         self._check_hyper(defaults, "defaults")
         super().__init__(params, defaults)

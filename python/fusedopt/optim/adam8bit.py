@@ -5,7 +5,6 @@ import torch
 
 from fusedopt._ops import adam8bit_step_
 from fusedopt.optim.adam import Adam
-from fusedopt.optim.base import FusedOptimizer, as_float, reject_torch_only_flags
 from fusedopt.quant import (
     ADAM_8BIT_MOMENTS,
     check_8bit_adam_state,
@@ -79,28 +78,12 @@ class Adam8bit(Adam):
         master_weights: bool = False,
         min_8bit_size: int = 4096,
     ) -> None:
-        reject_torch_only_flags(f"fusedopt.{type(self).__name__}", foreach, fused, differentiable)
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        defaults = dict(
-            lr=lr,
-            betas=(as_float(betas[0]), as_float(betas[1])),
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-            master_weights=bool(master_weights),
-            state_dtype="float32",
-            min_8bit_size=min_8bit_size,
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
+            _extra_defaults={"min_8bit_size": min_8bit_size},
         )
-        self._check_hyper(defaults, "defaults")
-        # Adam.__init__ would build its own defaults without min_8bit_size: skip to the base class.
-        FusedOptimizer.__init__(self, params, defaults)
 
     # --- hyperparameters -------------------------------------------------------------------
     def _check_hyper(self, g: dict, where: str, at_step: bool = False) -> None:
