@@ -82,9 +82,11 @@ def test_low_precision_params_with_master_weights(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_state_stays_close_to_fp32_state(device):
-    """bf16 momentum rounds to 8 bits of mantissa: sign(c) changes only where |c| is within
-    ~2^-8 of |m|'s terms, a few percent of elements on N(0,1) grads; the params stay within a
-    few lr of the fp32-state run after 100 steps (each flip costs 2 lr)."""
+    """bf16 momentum rounds to 8 bits of mantissa, so sign(c) differs from the fp32-state run only
+    where |c| is within ~2^-8 of its terms: on N(0,1) grads a few percent of elements flip at some
+    step, each flip costing 2 lr. Measured (CPU, seed 0): 7.9 % of elements differ, mean |diff|
+    1.7e-4, max 6 lr. Bounds: 15 % of elements, mean 5e-4 (3 lr-flips per 100 elements), max 20 lr;
+    the trivial bound (every step opposite) would be 200 lr."""
     init = [torch.randn(20000, device=device)]
     a = [init[0].clone().requires_grad_()]
     b = [init[0].clone().requires_grad_()]
@@ -97,8 +99,9 @@ def test_bf16_state_stays_close_to_fp32_state(device):
         ob.step()
     assert oa.state[a[0]]["exp_avg"].dtype == torch.bfloat16
     diff = (a[0] - b[0]).abs()
-    assert diff.mean() < 0.5 * 1e-3 * STEPS * 0.05  # far below a random-walk divergence
-    assert diff.max() <= 2 * 1e-3 * STEPS
+    assert (diff > 1e-5).float().mean() <= 0.15
+    assert diff.mean() <= 5e-4
+    assert diff.max() <= 20 * 1e-3
 
 
 def test_grad_scaler_inf_skip_and_unscale():
