@@ -98,6 +98,33 @@ void adam8bit_step_py(int device, std::vector<uintptr_t> params, std::vector<uin
   adam8bit_step(Device(device), L);
 }
 
+void lion8bit_step_py(int device, std::vector<uintptr_t> params, std::vector<uintptr_t> grads,
+                      std::vector<uintptr_t> exp_avgs, std::vector<uintptr_t> exp_avg_absmaxs,
+                      std::vector<uintptr_t> masters, std::vector<int64_t> numels, int param_dtype, int grad_dtype,
+                      uintptr_t signed_map, double lr, double beta1, double beta2, double weight_decay,
+                      bool maximize, uintptr_t lr_ptr, uintptr_t grad_scale_ptr, uintptr_t found_inf_ptr,
+                      uintptr_t stream, int num_threads) {
+  Lion8bitLaunch L;
+  L.lists.ptrs[kParam] = std::move(params);
+  L.lists.ptrs[kGrad] = std::move(grads);
+  L.lists.ptrs[kExpAvg] = std::move(exp_avgs);
+  L.lists.ptrs[kExpAvgAbsmax] = std::move(exp_avg_absmaxs);
+  L.lists.ptrs[kMaster] = std::move(masters);
+  L.lists.numels = std::move(numels);
+  L.dtypes = {DType(param_dtype), DType(grad_dtype), DType::kFloat32};
+  L.config = {beta1, beta2, weight_decay, maximize};
+  L.lr = lr;
+  L.signed_map = signed_map;
+  L.device_ptrs = {lr_ptr, grad_scale_ptr, found_inf_ptr};
+  L.stream = stream;
+  L.num_threads = num_threads;
+  if (device != int(Device::kCPU) && device != int(Device::kCUDA)) {
+    throw std::invalid_argument("fusedopt.lion8bit_step: device code must be 0 (cpu) or 1 (cuda)");
+  }
+  py::gil_scoped_release release;
+  lion8bit_step(Device(device), L);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -121,6 +148,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("unsigned_map"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"), py::arg("lr_ptr"),
         py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("stream"), py::arg("num_threads"));
+  m.def("lion8bit_step", &lion8bit_step_py, "One fused Lion step with blockwise 8-bit momentum",
+        py::arg("device"), py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_absmaxs"),
+        py::arg("masters"), py::arg("numels"), py::arg("param_dtype"), py::arg("grad_dtype"),
+        py::arg("signed_map"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
+        py::arg("maximize"), py::arg("lr_ptr"), py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"),
+        py::arg("stream"), py::arg("num_threads"));
+  m.def("quant_map_bytes", []() { return int(sizeof(math::QuantMap)); },
+        "Size of the buffer build_quant_map fills (a math::QuantMap)");
+  m.def("build_quant_map", &build_quant_map, "256 sorted fp32 values -> a math::QuantMap (map + search table)",
+        py::arg("values"), py::arg("out"));
   m.def(
       "quantize_blockwise",
       [](uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax, int num_threads) {

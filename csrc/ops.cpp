@@ -78,6 +78,23 @@ void adam8bit_step(Device device, const Adam8bitLaunch& launch) {
   }
 }
 
+void lion8bit_step(Device device, const Lion8bitLaunch& launch) {
+  const size_t n = launch.lists.size();
+  for (int slot : {int(kParam), int(kGrad), int(kExpAvg), int(kExpAvgAbsmax)}) {
+    if (launch.lists.ptrs[slot].size() != n) throw std::invalid_argument("fusedopt.lion8bit_step: list lengths differ");
+  }
+  if (!launch.lists.ptrs[kMaster].empty() && launch.lists.ptrs[kMaster].size() != n) {
+    throw std::invalid_argument("fusedopt.lion8bit_step: one master pointer per tensor, or none");
+  }
+  if (launch.signed_map == 0) throw std::invalid_argument("fusedopt.lion8bit_step: the signed quantization map is required");
+  if (n == 0) return;
+  if (device == Device::kCPU) {
+    lion8bit_step_cpu(launch);
+  } else {
+    lion8bit_step_cuda(launch);
+  }
+}
+
 #ifndef FUSEDOPT_WITH_CUDA
 [[noreturn]] static void no_cuda() {
   throw std::runtime_error(
@@ -87,6 +104,7 @@ void adam8bit_step(Device device, const Adam8bitLaunch& launch) {
 void adam_step_cuda(const AdamLaunch&) { no_cuda(); }
 void lion_step_cuda(const LionLaunch&) { no_cuda(); }
 void adam8bit_step_cuda(const Adam8bitLaunch&) { no_cuda(); }
+void lion8bit_step_cuda(const Lion8bitLaunch&) { no_cuda(); }
 bool cuda_compiled() { return false; }
 const char* cuda_archs() { return ""; }
 int cuda_runtime_version() { return 0; }

@@ -3,6 +3,7 @@
 
 #include "fusedopt/math/adam.h"
 #include "fusedopt/math/lion.h"
+#include "fusedopt/math/quant8.h"
 #include "fusedopt/tensor_list.h"
 
 namespace fusedopt {
@@ -47,8 +48,8 @@ struct Adam8bitLaunch {
   DTypes dtypes;
   math::AdamConfig config;
   double lr;
-  uintptr_t signed_map = 0;    // const float[256] on the launch's device (exp_avg)
-  uintptr_t unsigned_map = 0;  // const float[256] on the launch's device (exp_avg_sq)
+  uintptr_t signed_map = 0;    // const math::QuantMap* on the launch's device (exp_avg)
+  uintptr_t unsigned_map = 0;  // const math::QuantMap* on the launch's device (exp_avg_sq)
   DevicePtrs device_ptrs;
   uintptr_t stream = 0;
   int num_threads = 1;
@@ -58,8 +59,30 @@ void adam8bit_step(Device device, const Adam8bitLaunch& launch);
 void adam8bit_step_cpu(const Adam8bitLaunch& launch);
 void adam8bit_step_cuda(const Adam8bitLaunch& launch);
 
+// Lion with a blockwise 8-bit exp_avg (math/lion8bit.h): kExpAvg holds uint8 codes into the signed
+// map and kExpAvgAbsmax one fp32 absmax per 256-element block; kMaster is optional; no step counter.
+struct Lion8bitLaunch {
+  TensorLists lists;
+  DTypes dtypes;
+  math::LionConfig config;
+  double lr;
+  uintptr_t signed_map = 0;  // const math::QuantMap* on the launch's device
+  DevicePtrs device_ptrs;
+  uintptr_t stream = 0;
+  int num_threads = 1;
+};
+
+void lion8bit_step(Device device, const Lion8bitLaunch& launch);
+void lion8bit_step_cpu(const Lion8bitLaunch& launch);
+void lion8bit_step_cuda(const Lion8bitLaunch& launch);
+
+// Fills the math::QuantMap at `out` (sizeof(math::QuantMap) bytes, host) from 256 sorted floats;
+// throws when the map is too dense for the table-guided search to be exact.
+void build_quant_map(uintptr_t values, uintptr_t out);
+
 // n fp32 values <-> uint8 codes + one absmax per 256-element block, on the CPU, through
-// math/quant8.h (checkpoint conversion and tests use these; the optimizers never do).
+// math/quant8.h (checkpoint conversion and tests use these; the optimizers never do). `map` is a
+// const math::QuantMap* in host memory.
 void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax,
                             int num_threads);
 void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uintptr_t map, uintptr_t dst,

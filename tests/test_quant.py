@@ -53,6 +53,34 @@ def _data(n, scale_spread=True):
     return x
 
 
+def _hard_inputs(q):
+    """Where a table-guided search could slip: every map value, the float midpoints between
+    neighbours and the floats just around both, every bucket edge of math/quant8.h (powers of two
+    and 1/64 steps of each binade down to 2^-30), and a log-uniform sweep of [-1, 1]."""
+    mids = (q[1:] + q[:-1]) / 2
+    pts = torch.cat([q, mids])
+    edges = torch.cat([2.0 ** torch.arange(-30, 1).float() * (1 + torch.arange(64).float()[:, None] / 64)]).flatten()
+    pts = torch.cat([pts, edges[edges <= 1], -edges[edges <= 1]])
+    ulp = [torch.nextafter(pts, torch.full_like(pts, d)) for d in (2.0, -2.0)]
+    sweep = torch.logspace(-12, 0, 400_000)
+    x = torch.cat([pts, *ulp, sweep, -sweep, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    return x.clamp(q[0].item(), q[-1].item())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_table_search_equals_reference_at_every_edge(signed):
+    q = quant.dynamic_map(signed)
+    y = _hard_inputs(q)
+    if not signed:
+        y = y.abs()
+    # Blocks whose first element is 1, so absmax = 1 and x * inv == x.
+    y = torch.nn.functional.pad(y, (0, (-y.numel()) % 255))
+    x = torch.cat([torch.ones(y.numel() // 255, 1), y.view(-1, 255)], dim=1).flatten()
+    codes, absmax = quant.quantize_blockwise(x, signed)
+    assert bool((absmax == 1).all())
+    assert torch.equal(codes.long(), reference_quantize(x, absmax, q))
+
+
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 5000, 70001])
 def test_native_quantizer_equals_torch_reference_bitwise(signed, n):

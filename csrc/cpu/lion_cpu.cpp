@@ -1,7 +1,10 @@
-// Lion on the CPU: math/lion.h applied over chunked OpenMP work items.
+// Lion on the CPU: math/lion.h applied over chunked OpenMP work items; with an 8-bit momentum,
+// math::Lion8bitRule through cpu/blockwise8bit.h.
+#include "cpu/blockwise8bit.h"
 #include "cpu/parallel.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math/lion.h"
+#include "fusedopt/math/lion8bit.h"
 #include "ops.h"
 
 namespace fusedopt {
@@ -40,6 +43,15 @@ void lion_step_cpu(const LionLaunch& L) {
       });
     });
   });
+}
+
+void lion8bit_step_cpu(const Lion8bitLaunch& L) {
+  const HostScalars h = read_host_scalars(L.device_ptrs, L.lr);
+  if (h.skip) return;
+  const math::Lion8bitRule rule{L.config};
+  const std::vector<math::LionScalars> scalars(L.lists.size(), rule.scalars(h.lr, 0.0f, h.grad_scale));
+  const math::QuantMap* maps[1] = {reinterpret_cast<const math::QuantMap*>(L.signed_map)};
+  cpu::blockwise8bit_step<math::Lion8bitRule>(L.lists, L.dtypes, maps, scalars, L.num_threads);
 }
 
 }  // namespace fusedopt

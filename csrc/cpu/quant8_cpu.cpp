@@ -1,6 +1,7 @@
 // Blockwise quantize / dequantize of a flat fp32 buffer on the CPU, through math/quant8.h: the
 // same rounding the 8-bit optimizers apply in place, exposed for checkpoint conversion and tests.
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -13,10 +14,18 @@ namespace fusedopt {
 using math::kQuantBlock;
 static_assert(cpu::kChunkSize % kQuantBlock == 0, "a CPU work item must hold whole quantization blocks");
 
+void build_quant_map(uintptr_t values, uintptr_t out) {
+  if (!math::build_quant_map(reinterpret_cast<const float*>(values), reinterpret_cast<math::QuantMap*>(out))) {
+    throw std::invalid_argument(
+        "fusedopt.build_quant_map: the map has more than math::kSearchRefine entries in one search bucket; "
+        "raise kSearchRefine or kSearchMantissaBits in math/quant8.h");
+  }
+}
+
 void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax,
                             int num_threads) {
   const float* x = reinterpret_cast<const float*>(src);
-  const float* q = reinterpret_cast<const float*>(map);
+  const math::QuantMap& q = *reinterpret_cast<const math::QuantMap*>(map);
   uint8_t* c = reinterpret_cast<uint8_t*>(codes);
   float* a = reinterpret_cast<float*>(absmax);
   cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
@@ -34,7 +43,7 @@ void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uint
                               int num_threads) {
   const uint8_t* c = reinterpret_cast<const uint8_t*>(codes);
   const float* a = reinterpret_cast<const float*>(absmax);
-  const float* q = reinterpret_cast<const float*>(map);
+  const float* q = reinterpret_cast<const math::QuantMap*>(map)->values;
   float* y = reinterpret_cast<float*>(dst);
   cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
     for (int64_t i = w.begin; i < w.end; ++i) y[i] = math::dequantize(q, c[i], a[i / kQuantBlock]);

@@ -114,7 +114,7 @@ def adam8bit_step_(
     grad_scale=None, found_inf=None,
 ) -> None:
     """One fused blockwise 8-bit Adam/AdamW step, in place: exp_avgs/exp_avg_sqs are uint8 codes
-    into signed_map/unsigned_map (256 fp32 values on the params' device), with one fp32 absmax per
+    into signed_map/unsigned_map (packed maps on the params' device: fusedopt.quant.maps_on), with one fp32 absmax per
     256-element block in exp_avg_absmaxs/exp_avg_sq_absmaxs (see fusedopt/quant.py)."""
     L = _Launch(params[0].device, lr, grad_scale, found_inf)
     L.run(
@@ -123,5 +123,21 @@ def adam8bit_step_(
         _ptrs(exp_avg_sq_absmaxs), _ptrs(masters), _ptrs(steps), [p.numel() for p in params],
         DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype], signed_map.data_ptr(), unsigned_map.data_ptr(),
         L.lr, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
+        L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr, L.stream, L.num_threads,
+    )
+
+
+def lion8bit_step_(
+    params, grads, exp_avgs, exp_avg_absmaxs, masters, *, signed_map, lr, beta1, beta2, weight_decay, maximize,
+    grad_scale=None, found_inf=None,
+) -> None:
+    """One fused Lion step, in place, with exp_avgs as uint8 codes into signed_map (a packed map on
+    the params' device) and one fp32 absmax per 256-element block in exp_avg_absmaxs."""
+    L = _Launch(params[0].device, lr, grad_scale, found_inf)
+    L.run(
+        lib().lion8bit_step,
+        L.device_code, _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_absmaxs), _ptrs(masters),
+        [p.numel() for p in params], DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype],
+        signed_map.data_ptr(), L.lr, float(beta1), float(beta2), float(weight_decay), bool(maximize),
         L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr, L.stream, L.num_threads,
     )

@@ -58,8 +58,18 @@ def dynamic_map(signed: bool) -> torch.Tensor:
 
 
 @functools.cache
+def quant_map(signed: bool) -> torch.Tensor:
+    """The dynamic map as the kernels take it: a uint8 CPU buffer holding a ``math::QuantMap`` (the
+    256 values and the table that guides the search for the nearest one; csrc/.../math/quant8.h)."""
+    values = dynamic_map(signed)
+    out = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
+    lib().build_quant_map(values.data_ptr(), out.data_ptr())
+    return out
+
+
+@functools.cache
 def _maps_cached(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    maps = dynamic_map(True).to(device), dynamic_map(False).to(device)
+    maps = quant_map(True).to(device), quant_map(False).to(device)
     if device.type == "cuda":
         # A copy from pageable memory may still be in flight when .to() returns; kernels on
         # other streams will read these tensors, so finish it (once per device and process).
@@ -68,7 +78,7 @@ def _maps_cached(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def maps_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signed, unsigned) maps on `device`, copied there once (so later steps never copy, and a
+    """(signed, unsigned) packed maps (see quant_map) on `device`, copied there once (so later steps never copy, and a
     captured CUDA graph can keep reading them)."""
     return _maps_cached(torch.device(device))
 
@@ -111,7 +121,7 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
     codes = torch.empty(flat.numel(), dtype=torch.uint8)
     absmax = torch.empty(num_blocks(flat.numel()), dtype=torch.float32)
     lib().quantize_blockwise(
-        flat.data_ptr(), flat.numel(), dynamic_map(signed).data_ptr(), codes.data_ptr(), absmax.data_ptr(),
+        flat.data_ptr(), flat.numel(), quant_map(signed).data_ptr(), codes.data_ptr(), absmax.data_ptr(),
         torch.get_num_threads(),
     )
     return _like(codes.to(x.device), x), absmax.to(x.device)
@@ -127,7 +137,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool
     scale = absmax.detach().to("cpu", torch.float32).contiguous()
     out = torch.empty(flat.numel(), dtype=torch.float32)
     lib().dequantize_blockwise(
-        flat.data_ptr(), scale.data_ptr(), flat.numel(), dynamic_map(signed).data_ptr(), out.data_ptr(),
+        flat.data_ptr(), scale.data_ptr(), flat.numel(), quant_map(signed).data_ptr(), out.data_ptr(),
         torch.get_num_threads(),
     )
     return _like(out.to(codes.device), codes)

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "fusedopt/dtype.h"
+#include "fusedopt/macros.h"
 
 namespace fusedopt {
 
@@ -14,6 +15,10 @@ enum AdamSlot : int { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMast
 // then hold uint8 codes).
 enum Adam8bitSlot : int { kExpAvgAbsmax = kAdamSlots, kExpAvgSqAbsmax, kAdam8bitSlots };
 constexpr int kMaxSlots = kAdam8bitSlots;
+// Moment j of a blockwise 8-bit optimizer (Adam: exp_avg, exp_avg_sq; Lion: exp_avg) keeps its
+// codes in slot moment_code_slot(j) and its per-block absmax in moment_absmax_slot(j).
+FUSEDOPT_HD constexpr int moment_code_slot(int j) { return j == 0 ? kExpAvg : kExpAvgSq; }
+FUSEDOPT_HD constexpr int moment_absmax_slot(int j) { return j == 0 ? kExpAvgAbsmax : kExpAvgSqAbsmax; }
 
 // One launch: n tensors, each with a pointer per slot (0 when the slot is unused), its element
 // count and the address of its fp32 step counter (host memory on CPU, device memory on CUDA).

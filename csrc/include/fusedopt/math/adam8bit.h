@@ -21,9 +21,6 @@
 namespace fusedopt {
 namespace math {
 
-// Finite test that survives -ffinite-math-only style flags and vectorizes: false for NaN and +-inf.
-FUSEDOPT_HD bool is_finite(float x) { return fabsf(x) <= 3.402823466e+38f; }
-
 FUSEDOPT_HD void adam8bit_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
   float p1 = p, m1 = m, v1 = v, unused = 0.0f;
   adam_update<false>(p1, g, m1, v1, unused, s);
@@ -32,6 +29,21 @@ FUSEDOPT_HD void adam8bit_update(float& p, float g, float& m, float& v, const Ad
   m = ok ? m1 : m;
   v = ok ? v1 : v;
 }
+
+// The rule as the blockwise 8-bit backends take it (cpu/blockwise8bit.h, cuda/blockwise8bit.cuh):
+// moment 0 is exp_avg (signed map), moment 1 exp_avg_sq (unsigned map).
+struct Adam8bitRule {
+  static constexpr int kMoments = 2;
+  using Scalars = AdamScalars;
+  AdamConfig config;
+  // step: the step number this update makes (1 for the first).
+  FUSEDOPT_HD Scalars scalars(double lr, float step, float grad_scale) const {
+    return adam_scalars(config, lr, double(step), grad_scale);
+  }
+  FUSEDOPT_HD static void update(float& p, float g, float (&m)[2], const Scalars& s) {
+    adam8bit_update(p, g, m[0], m[1], s);
+  }
+};
 
 }  // namespace math
 }  // namespace fusedopt

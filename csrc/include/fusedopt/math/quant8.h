@@ -5,14 +5,15 @@
 // one fp32 absmax and one uint8 code per element; the code indexes a 256-entry map of sorted
 // values in [-1, 1] (signed) or [0, 1] (unsigned), built by python/fusedopt/quant.py:
 //   x ~= map[code] * absmax
-// Quantizing rounds x / absmax to the nearest map entry (binary search over the sorted map;
-// a tie goes to the smaller entry), except that a nonzero x never rounds to 0 or across it (part
-// 4 below). Both maps hold 0 and 1 exactly, the signed one -1 too, so a block's largest element
-// and zeros round-trip exactly.
+// Quantizing rounds x / absmax to the nearest map entry (a tie goes to the smaller entry), except
+// that a nonzero x never rounds to 0 or across it (part 3 below). Both maps hold 0 and 1 exactly,
+// the signed one -1 too, so a block's largest element and zeros round-trip exactly.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
+#include "fusedopt/dtype.h"
 #include "fusedopt/macros.h"
 
 namespace fusedopt {
@@ -27,52 +28,144 @@ FUSEDOPT_HD float max_of(float a, float b) { return a > b ? a : b; }
 
 FUSEDOPT_HD float dequantize(const float* map, uint8_t code, float absmax) { return map[code] * absmax; }
 
+// Finite test that survives -ffinite-math-only style flags and vectorizes: false for NaN and +-inf.
+// The 8-bit rules use it to keep non-finite moments out of a block (its absmax is shared).
+FUSEDOPT_HD bool is_finite(float x) { return fabsf(x) <= 3.402823466e+38f; }
+
 // 1 / absmax, or 0 for an all-zero block (then every element normalizes to 0 instead of NaN).
 FUSEDOPT_HD float inv_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
 
-// Rounding x to a code, in four parts (the same for both maps): the CUDA kernels compose them per
-// element (quantize below); the CPU loops run each part over a whole block so that the compiler
-// vectorizes the search (cpu/quantize_block.h). Both give identical codes.
-//
-// 1. y = x * inv clamped to [map[0], map[255]] (a NaN ends at map[0]; callers keep NaN out,
-//    see math/adam8bit.h).
+// Rounding x to a code: y = x * inv clamped to the map, then the nearest map entry (a tie, as the
+// float differences below judge it, goes to the smaller entry), then part 3's sign rule.
 FUSEDOPT_HD float clamp_to_map(const float* map, float y) {
   y = y > map[0] ? y : map[0];
   return y < map[kQuantMapSize - 1] ? y : map[kQuantMapSize - 1];
 }
 
-// 2. Bisection for the largest lo with map[lo] <= y: start at lo = 0 and take the steps
-//    128, 64, ..., 1.
-FUSEDOPT_HD int bisect(const float* map, float y, int lo, int step) { return map[lo + step] <= y ? lo + step : lo; }
-
-// 3. The nearer of map[lo] and map[lo + 1]; a tie goes to lo (the smaller value).
-FUSEDOPT_HD int nearer(const float* map, float y, int lo) {
+// 1. The definition of "nearest", used once per map by build_quant_map (host). The backends never
+//    call it per element: they read its answer from a table (part 2).
+inline int nearest_code_reference(const float* map, float y) {
+  y = clamp_to_map(map, y);
+  int lo = 0;  // the largest lo with map[lo] <= y
+  for (int step = kQuantMapSize / 2; step > 0; step >>= 1) lo = map[lo + step] <= y ? lo + step : lo;
   const int hi = lo < kQuantMapSize - 1 ? lo + 1 : lo;
   return map[hi] - y < y - map[lo] ? hi : lo;
 }
 
-// 4. A nonzero x never becomes 0 or changes sign: it moves to the nearest code of its own sign.
-//    For m the sign is the direction of the update (bnb has this fix for m, one-sided: there a
-//    small positive m may round to 0). For v it matters more: an element whose v is below half the
-//    smallest code (1.6e-7 of its block's absmax, i.e. |g| under 4e-4 of the block's largest) would
-//    restart from v = 0 every step and move up to 1/sqrt(1 - beta2) times too far (30x at 0.999);
-//    measured, such elements made a 64K-element AdamW8bit run travel 4x as far as AdamW. (Li et al.
-//    2023, "Memory Efficient Optimizers with 4-bit States", drop zero from v's map for this reason.)
-FUSEDOPT_HD int keep_sign(const float* map, float x, int c) {
-  c = (x > 0.0f && map[c] <= 0.0f) ? c + 1 : c;
-  return (x < 0.0f && map[c] >= 0.0f) ? c - 1 : c;
+// 2. The table. y's float bits (sign, binade, the top kSearchMantissaBits of the mantissa) pick a
+//    bucket; buckets are even in log scale, as the dynamic maps are, so within one bucket the
+//    nearest code takes at most kSearchThresholds + 1 values. The table holds the nearest code at
+//    the bucket's smallest y and the y at which each next code begins: a code is one lookup and
+//    two compares (three independent loads, which the CPU loop gathers with AVX2), where a
+//    bisection over 256 entries is eight dependent ones.
+constexpr int kSearchMantissaBits = 6;
+constexpr int kSearchBinades = 24;  // |y| in [2^-24, 1] is bucketed; smaller |y| share bucket 0
+constexpr int kSearchBucketsPerSign = (kSearchBinades + 1) << kSearchMantissaBits;
+constexpr int kSearchBuckets = 2 * kSearchBucketsPerSign;
+constexpr int kSearchThresholds = 2;
+constexpr uint32_t kSearchExponentBias = 127 - kSearchBinades;
+
+// A map as every backend takes it: built once per map on the host (build_quant_map) and passed as
+// one buffer.
+struct QuantMap {
+  float values[kQuantMapSize];
+  int32_t zero_code;                                   // values[zero_code] == 0
+  int32_t first_code[kSearchBuckets];                  // int32 so that the CPU loop can gather it
+  float threshold[kSearchThresholds][kSearchBuckets];  // y >= threshold[r][b]: one code higher
+};
+
+// |y| <= 1 -> bucket in [0, kSearchBucketsPerSign), non-decreasing in |y|.
+FUSEDOPT_HD int magnitude_bucket(uint32_t abs_bits) {
+  const int binade = int(abs_bits >> 23) - int(kSearchExponentBias);
+  const int mantissa = int((abs_bits >> (23 - kSearchMantissaBits)) & ((1u << kSearchMantissaBits) - 1));
+  const int clamped = binade < kSearchBinades ? binade : kSearchBinades;
+  return binade < 0 ? 0 : (clamped << kSearchMantissaBits) | mantissa;
 }
 
-FUSEDOPT_HD int nearest_code(const float* map, float y) {
-  y = clamp_to_map(map, y);
-  int lo = 0;
-  for (int step = kQuantMapSize / 2; step > 0; step >>= 1) lo = bisect(map, y, lo, step);
-  return nearer(map, y, lo);
+// Non-decreasing in y over [-1, 1]: negative y count down from the middle, the rest (-0 too) up.
+FUSEDOPT_HD int search_bucket(float y) {
+  const uint32_t bits = float_bits(y);
+  const int u = magnitude_bucket(bits & 0x7fffffffu);
+  return (bits >> 31) != 0 && y != 0.0f ? kSearchBucketsPerSign - 1 - u : kSearchBucketsPerSign + u;
+}
+
+// The nearest code of a clamped y (equals nearest_code_reference; build_quant_map and the tests
+// check it).
+FUSEDOPT_HD int nearest_code(const QuantMap& q, float y) {
+  const int b = search_bucket(y);
+  int c = q.first_code[b];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < kSearchThresholds; ++r) c += y >= q.threshold[r][b] ? 1 : 0;
+  return c;
+}
+
+// 3. A nonzero x never becomes 0 or changes sign: it moves to the nearest code of its own sign.
+//    (The nearest code of y >= 0 is at or above zero_code, of y <= 0 at or below it, so the zero
+//    code is the only one to fix.) For m the sign is the direction of the update (bnb has this
+//    fix for m, one-sided: there a small positive m may round to 0). For v it matters more: an
+//    element whose v is below half the smallest code (1.6e-7 of its block's absmax, i.e. |g| under
+//    4e-4 of the block's largest) would restart from v = 0 every step and move up to
+//    1/sqrt(1 - beta2) times too far (30x at 0.999); measured, such elements made a 64K-element
+//    AdamW8bit run travel 4x as far as AdamW. (Li et al. 2023, "Memory Efficient Optimizers with
+//    4-bit States", drop zero from v's map for this reason.)
+FUSEDOPT_HD int keep_sign(int zero_code, float x, int c) {
+  c = (x > 0.0f && c == zero_code) ? c + 1 : c;
+  return (x < 0.0f && c == zero_code) ? c - 1 : c;
 }
 
 // The code of x in a block whose 1 / absmax is inv (see inv_absmax).
-FUSEDOPT_HD uint8_t quantize(const float* map, float x, float inv) {
-  return uint8_t(keep_sign(map, x, nearest_code(map, x * inv)));
+FUSEDOPT_HD uint8_t quantize(const QuantMap& q, float x, float inv) {
+  return uint8_t(keep_sign(q.zero_code, x, nearest_code(q, clamp_to_map(q.values, x * inv))));
+}
+
+// Host: fills q from 256 strictly increasing values holding 0. Returns false for a map the table
+// cannot serve exactly (no zero, or more than kSearchThresholds code changes inside one bucket).
+inline bool build_quant_map(const float* values, QuantMap* q) {
+  q->zero_code = -1;
+  for (int c = 0; c < kQuantMapSize; ++c) {
+    q->values[c] = values[c];
+    if (values[c] == 0.0f) q->zero_code = c;
+    if (c > 0 && !(values[c - 1] < values[c])) return false;
+  }
+  if (q->zero_code < 0) return false;
+  // Floats as order-preserving unsigned keys, so that "the smallest y in [lo, hi] with ..." is a
+  // bisection over keys.
+  auto key = [](float f) { const uint32_t u = float_bits(f); return (u >> 31) ? ~u : (u | 0x80000000u); };
+  auto from_key = [](uint32_t k) { return bits_float((k >> 31) ? (k & 0x7fffffffu) : ~k); };
+  auto fill = [&](int b, float lo, float hi) {
+    const int first = nearest_code_reference(values, lo);
+    q->first_code[b] = first;
+    for (int r = 0; r < kSearchThresholds; ++r) {
+      q->threshold[r][b] = bits_float(0x7f800000u);  // +inf: never reached
+      if (nearest_code_reference(values, hi) < first + r + 1) continue;
+      uint32_t a = key(lo), z = key(hi);  // nearest(from_key(z)) > first + r, nearest(from_key(a)) may not be
+      while (a < z) {
+        const uint32_t mid = a + (z - a) / 2;
+        if (nearest_code_reference(values, from_key(mid)) >= first + r + 1) z = mid; else a = mid + 1;
+      }
+      q->threshold[r][b] = from_key(z);
+    }
+    return nearest_code_reference(values, hi) - first <= kSearchThresholds;
+  };
+  const uint32_t one = float_bits(1.0f);
+  auto first_bits = [&](int u) -> uint32_t {  // smallest |y| bits of magnitude bucket u
+    if (u == 0) return 0;
+    return ((kSearchExponentBias + uint32_t(u >> kSearchMantissaBits)) << 23) |
+           (uint32_t(u & ((1 << kSearchMantissaBits) - 1)) << (23 - kSearchMantissaBits));
+  };
+  bool exact = true;
+  for (int u = 0; u < kSearchBucketsPerSign; ++u) {
+    const uint32_t a = first_bits(u);
+    const uint32_t b = u + 1 < kSearchBucketsPerSign ? first_bits(u + 1) - 1 : one;
+    const float lo = bits_float(a < one ? a : one), hi = bits_float(b < one ? b : one);
+    // The positive bucket holds y in [lo, hi], the negative one y in [-hi, -lo] (clamped y only
+    // reach part of some buckets; the rest of a bucket is never looked up).
+    exact = fill(kSearchBucketsPerSign + u, lo, hi) && exact;
+    exact = fill(kSearchBucketsPerSign - 1 - u, -hi, -lo) && exact;
+  }
+  return exact;
 }
 
 }  // namespace math

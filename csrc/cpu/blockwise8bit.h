@@ -1,0 +1,94 @@
+// Blockwise 8-bit optimizers on the CPU: a Rule of math/adam8bit.h or math/lion8bit.h over OpenMP
+// work items. A work item is a chunk of cpu::kChunkSize elements, a whole number of quantization
+// blocks, so one thread owns each block: its absmax is a plain serial max and results do not
+// depend on the thread count.
+//
+// Per block: dequantize every moment, Rule::update each element (param, master, grad in their
+// dtypes), then the block's new absmax per moment and its requantization (cpu/quantize_block.h).
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/parallel.h"
+#include "cpu/quantize_block.h"
+#include "fusedopt/dispatch.h"
+#include "fusedopt/math/quant8.h"
+#include "fusedopt/tensor_list.h"
+
+namespace fusedopt {
+namespace cpu {
+
+static_assert(kChunkSize % math::kQuantBlock == 0, "a CPU work item must hold whole quantization blocks");
+
+template <typename Rule, typename P, typename G, bool UseMaster>
+FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const math::QuantMap* const* maps, int32_t t,
+                                                   int64_t begin, int64_t end, const typename Rule::Scalars& s) {
+  constexpr int K = Rule::kMoments;
+  constexpr int B = math::kQuantBlock;
+  P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
+  const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
+  float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
+  uint8_t* codes[K];
+  float* absmax[K];
+  for (int j = 0; j < K; ++j) {
+    codes[j] = reinterpret_cast<uint8_t*>(l.ptrs[moment_code_slot(j)][t]);
+    absmax[j] = reinterpret_cast<float*>(l.ptrs[moment_absmax_slot(j)][t]);
+  }
+  float m[K][B];  // the block's updated moments, between update and requantize
+  for (int64_t b0 = begin; b0 < end; b0 += B) {
+    const int64_t b = b0 / B;
+    const int len = int(std::min<int64_t>(B, end - b0));
+    for (int j = 0; j < K; ++j) {
+      const float* values = maps[j]->values;
+      const uint8_t* c = codes[j] + b0;
+      const float scale = absmax[j][b];
+      for (int k = 0; k < len; ++k) m[j][k] = math::dequantize(values, c[k], scale);
+    }
+    for (int k = 0; k < len; ++k) {
+      const int64_t i = b0 + k;
+      float pf = UseMaster ? master[i] : load_float(p, i);
+      float mf[K];
+      for (int j = 0; j < K; ++j) mf[j] = m[j][k];
+      Rule::update(pf, load_float(g, i), mf, s);
+      if (UseMaster) master[i] = pf;
+      store_float(p, i, pf);
+      for (int j = 0; j < K; ++j) m[j][k] = mf[j];
+    }
+    for (int j = 0; j < K; ++j) {
+      // The rules keep moments finite, and finite |m| order as their bits do: an integer max
+      // vectorizes where a float one (NaN rules) stays scalar.
+      uint32_t amax_bits = 0;
+      for (int k = 0; k < len; ++k) {
+        const uint32_t bits = float_bits(m[j][k]) & 0x7fffffffu;
+        amax_bits = amax_bits > bits ? amax_bits : bits;
+      }
+      const float amax = bits_float(amax_bits);
+      absmax[j][b] = amax;
+      quantize_block(*maps[j], m[j], len, math::inv_absmax(amax), codes[j] + b0);
+    }
+  }
+}
+
+// One step of Rule over every tensor of `lists`; scalars[t] are tensor t's (Adam's depend on its
+// step count).
+template <typename Rule>
+void blockwise8bit_step(const TensorLists& lists, const DTypes& dtypes, const math::QuantMap* const* maps,
+                        const std::vector<typename Rule::Scalars>& scalars, int num_threads) {
+  const bool master = dtypes.param != DType::kFloat32 && !lists.ptrs[kMaster].empty();
+  dispatch_float(dtypes.param, "param", [&](auto p_tag) {
+    dispatch_float(dtypes.grad, "grad", [&](auto g_tag) {
+      dispatch_bool(master, [&](auto mst) {
+        using P = decltype(p_tag);
+        using G = decltype(g_tag);
+        parallel_over_chunks(lists.numels, num_threads, [&](const WorkItem& w) FUSEDOPT_CPU_KERNEL {
+          blockwise8bit_loop<Rule, P, G, decltype(mst)::value>(lists, maps, w.tensor, w.begin, w.end,
+                                                                scalars[w.tensor]);
+        });
+      });
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace fusedopt
