@@ -152,3 +152,32 @@ def through_bytes(state_dict):
     torch.save(state_dict, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+class ReferenceLion8bit:
+    """Lion with a blockwise 8-bit momentum on flat fp32 params with plain torch ops: dequantize,
+    the Lion update, skip elements whose new momentum is not finite, new absmax per block,
+    requantize with reference_quantize. Not the code under test (that is math/lion8bit.h)."""
+
+    def __init__(self, params, signed_map, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, block=256):
+        self.params, self.smap, self.block = params, signed_map, block
+        self.lr, self.betas, self.wd = lr, betas, weight_decay
+        zero = int((signed_map == 0).nonzero())
+        self.cm = [torch.full((p.numel(),), zero, dtype=torch.long) for p in params]
+        self.am = [torch.zeros(math.ceil(p.numel() / block)) for p in params]
+
+    def momentum(self, i):
+        return self.smap[self.cm[i]] * self.am[i].repeat_interleave(self.block)[: self.params[i].numel()]
+
+    @torch.no_grad()
+    def step(self, grads):
+        b1, b2 = self.betas
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            m, g = self.momentum(i), g.float()
+            p_new = p * (1 - self.lr * self.wd) - self.lr * torch.sign(m * b1 + g * (1 - b1))
+            m_new = m * b2 + g * (1 - b2)
+            ok = torch.isfinite(m_new)
+            p.copy_(torch.where(ok, p_new, p))
+            m = torch.where(ok, m_new, m)
+            self.am[i] = block_absmax(m, self.block)
+            self.cm[i] = reference_quantize(m, self.am[i], self.smap, self.block)

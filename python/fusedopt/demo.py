@@ -35,6 +35,9 @@ OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
     "lion": lambda groups: fusedopt.Lion(
         [{**g, "weight_decay": 3 * g["weight_decay"]} for g in groups], lr=ADAMW["lr"] / 3, betas=(0.9, 0.99)
     ),
+    "lion8bit": lambda groups: fusedopt.Lion8bit(
+        [{**g, "weight_decay": 3 * g["weight_decay"]} for g in groups], lr=ADAMW["lr"] / 3, betas=(0.9, 0.99)
+    ),
     # Muon on the decayed group (exactly the nn.Linear weights: hidden matrices, the head is tied to
     # the embedding), AdamW on embeddings, norms and biases. 'match_rms_adamw' lets Muon reuse
     # AdamW's lr and weight decay (Moonlight).

@@ -104,6 +104,10 @@ def _fused_lion(g: dict) -> StateLayout:
     return StateLayout(1, g["state_dtype"], master_weights=g["master_weights"])
 
 
+def _fused_lion8bit(g: dict) -> StateLayout:
+    return StateLayout(1, "8bit", master_weights=g["master_weights"], min_8bit_size=g["min_8bit_size"])
+
+
 def _torch_adam(g: dict) -> StateLayout:
     return StateLayout(2 + g["amsgrad"], "param", step=True)
 
@@ -116,6 +120,7 @@ LAYOUTS: dict[type, Callable[[dict], StateLayout]] = {
     fused.Adam8bit: _fused_adam8bit,
     fused.AdamW8bit: _fused_adam8bit,
     fused.Lion: _fused_lion,
+    fused.Lion8bit: _fused_lion8bit,
     # Muon: one momentum_buffer in the param's dtype, no step; the router's groups say their kind
     fused.Muon: lambda g: StateLayout(1, "param"),
     fused.MuonWithAdamW: lambda g: StateLayout(1, "param") if g["use_muon"] else _fused_adam(g),

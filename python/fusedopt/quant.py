@@ -144,17 +144,18 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool
 
 
 # --- optimizer state ------------------------------------------------------------------------
-# 8-bit Adam state key -> (absmax key, signed map?)
+# state key of an 8-bit moment -> (key of its absmax, signed map?)
 ADAM_8BIT_MOMENTS = {"exp_avg": ("exp_avg_absmax", True), "exp_avg_sq": ("exp_avg_sq_absmax", False)}
+LION_8BIT_MOMENTS = {"exp_avg": ("exp_avg_absmax", True)}
 
 
-def is_8bit_adam_state(saved: dict) -> bool:
-    return any(absmax_key in saved for absmax_key, _ in ADAM_8BIT_MOMENTS.values())
+def is_8bit_state(saved: dict, moments: dict) -> bool:
+    return any(absmax_key in saved for absmax_key, _ in moments.values())
 
 
-def check_8bit_adam_state(saved: dict, numel: int, where: str) -> None:
-    """Raise ValueError (naming `where`) unless `saved` holds well-formed 8-bit moments."""
-    for key, (absmax_key, _) in ADAM_8BIT_MOMENTS.items():
+def check_8bit_state(saved: dict, numel: int, where: str, moments: dict) -> None:
+    """Raise ValueError (naming `where`) unless `saved` holds well-formed 8-bit `moments`."""
+    for key, (absmax_key, _) in moments.items():
         codes, absmax = saved.get(key), saved.get(absmax_key)
         if not isinstance(codes, torch.Tensor) or not isinstance(absmax, torch.Tensor):
             raise ValueError(f"{where}: an 8-bit state needs tensors '{key}' and '{absmax_key}'")
@@ -169,13 +170,51 @@ def check_8bit_adam_state(saved: dict, numel: int, where: str) -> None:
             raise ValueError(f"{where}: state['{absmax_key}'] holds negative or non-finite values")
 
 
-def dequantize_adam_state(saved: dict, numel: int, where: str) -> dict:
-    """A copy of an Adam state dict with 8-bit moments replaced by fp32 tensors; any other state
-    is returned as is. This is how fusedopt.Adam/AdamW load an Adam8bit/AdamW8bit checkpoint."""
-    if not is_8bit_adam_state(saved):
+def dequantize_state(saved: dict, numel: int, where: str, moments: dict) -> dict:
+    """A copy of a saved state with 8-bit `moments` replaced by fp32 tensors; any other state is
+    returned as is. This is how the full-precision optimizers load their 8-bit twins' checkpoints."""
+    if not is_8bit_state(saved, moments):
         return saved
-    check_8bit_adam_state(saved, numel, where)
-    out = {k: v for k, v in saved.items() if k not in ("exp_avg_absmax", "exp_avg_sq_absmax")}
-    for key, (absmax_key, signed) in ADAM_8BIT_MOMENTS.items():
+    check_8bit_state(saved, numel, where, moments)
+    absmax_keys = {absmax_key for absmax_key, _ in moments.values()}
+    out = {k: v for k, v in saved.items() if k not in absmax_keys}
+    for key, (absmax_key, signed) in moments.items():
         out[key] = dequantize_blockwise(saved[key], saved[absmax_key], signed)
+    return out
+
+
+def new_8bit_moments(p: torch.Tensor, moments: dict) -> dict:
+    """Zero 8-bit `moments` for param p: codes of 0 with p's layout, and zero absmax per block."""
+    out = {}
+    for key, (absmax_key, signed) in moments.items():
+        out[key] = torch.full_like(p, zero_code(signed), dtype=torch.uint8, memory_format=torch.preserve_format)
+        out[absmax_key] = torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+    return out
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and memory order (strides of size-1 dims do not matter)."""
+    return a.shape == b.shape and all(a.stride(d) == b.stride(d) for d in range(a.dim()) if a.size(d) > 1)
+
+
+def load_8bit_moments(p: torch.Tensor, saved: dict, where: str, moments: dict) -> dict:
+    """{key: codes, absmax_key: absmax} of `moments` for param p (on p's device, in p's layout)
+    from a saved state. 8-bit moments saved for p's layout are copied as they are, so a resumed run
+    continues bitwise identically; full-precision ones (the optimizer's fp32 twin or torch's), or
+    8-bit ones saved for a param laid out differently (blocks follow memory order), are quantized."""
+    if is_8bit_state(saved, moments):
+        check_8bit_state(saved, p.numel(), where, moments)
+        if all(_same_layout(saved[k], p) for k in moments):
+            out = {}
+            for key, (absmax_key, _) in moments.items():
+                out[key] = torch.empty_like(p, dtype=torch.uint8).copy_(saved[key])
+                out[absmax_key] = saved[absmax_key].to(device=p.device, dtype=torch.float32, copy=True)
+            return out
+    full = dequantize_state(saved, p.numel(), where, moments)
+    out = {}
+    for key, (absmax_key, signed) in moments.items():
+        try:
+            out[key], out[absmax_key] = quantize_blockwise(torch.empty_like(p, dtype=torch.float32).copy_(full[key]), signed)
+        except ValueError as e:
+            raise ValueError(f"{where}: state['{key}']: {e}") from None
     return out

@@ -11,7 +11,7 @@ from fusedopt.optim.base import (
     reject_torch_only_flags,
     state_dtype_name,
 )
-from fusedopt.quant import dequantize_adam_state
+from fusedopt.quant import ADAM_8BIT_MOMENTS, dequantize_state
 
 
 class Adam(FusedOptimizer):
@@ -104,7 +104,7 @@ class Adam(FusedOptimizer):
     def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
         self._check_loaded_shapes(p, saved, where)
         # An Adam8bit/AdamW8bit checkpoint: its uint8 moments are dequantized to fp32 first.
-        saved = dequantize_adam_state(saved, p.numel(), where)
+        saved = dequantize_state(saved, p.numel(), where, ADAM_8BIT_MOMENTS)
         needed = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         missing = [k for k in needed if k not in saved]
         if missing:

@@ -5,23 +5,9 @@ import torch
 
 from fusedopt._ops import adam8bit_step_
 from fusedopt.optim.adam import Adam
-from fusedopt.quant import (
-    ADAM_8BIT_MOMENTS,
-    check_8bit_adam_state,
-    dequantize_adam_state,
-    is_8bit_adam_state,
-    maps_on,
-    num_blocks,
-    quantize_blockwise,
-    zero_code,
-)
+from fusedopt.quant import ADAM_8BIT_MOMENTS, load_8bit_moments, maps_on, new_8bit_moments
 
 _ABSMAX_KEYS = tuple(absmax_key for absmax_key, _ in ADAM_8BIT_MOMENTS.values())
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape and memory order (strides of size-1 dims do not matter)."""
-    return a.shape == b.shape and all(a.stride(d) == b.stride(d) for d in range(a.dim()) if a.size(d) > 1)
 
 
 class Adam8bit(Adam):
@@ -110,9 +96,7 @@ class Adam8bit(Adam):
         if not self._is_8bit(p, group):
             return super()._init_state(p, group)
         state = {"step": self._new_step(p)}
-        for key, (absmax_key, signed) in ADAM_8BIT_MOMENTS.items():
-            state[key] = torch.full_like(p, zero_code(signed), dtype=torch.uint8, memory_format=torch.preserve_format)
-            state[absmax_key] = torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+        state.update(new_8bit_moments(p, ADAM_8BIT_MOMENTS))
         if self._wants_master(group, p):
             state["master_param"] = self._copy_like(p, p, torch.float32)
         return state
@@ -127,23 +111,7 @@ class Adam8bit(Adam):
         dropped = set(self._elementwise_state_keys) | set(_ABSMAX_KEYS) | {"step"}
         state = {k: v for k, v in saved.items() if k not in dropped}
         state["step"] = self._new_step(p, float(torch.as_tensor(saved["step"]).item()))
-        if is_8bit_adam_state(saved):
-            check_8bit_adam_state(saved, p.numel(), where)
-        same_layout = is_8bit_adam_state(saved) and all(_same_layout(saved[k], p) for k in ADAM_8BIT_MOMENTS)
-        if same_layout:
-            # Codes and absmax as saved: a resumed run continues bitwise identically.
-            for key, (absmax_key, _) in ADAM_8BIT_MOMENTS.items():
-                state[key] = self._copy_like(p, saved[key], torch.uint8)
-                state[absmax_key] = saved[absmax_key].to(device=p.device, dtype=torch.float32, copy=True)
-        else:
-            # Full-precision moments (torch or fusedopt Adam/AdamW), or 8-bit ones saved for a
-            # param laid out differently (blocks follow memory order): quantize in p's layout.
-            full = dequantize_adam_state(saved, p.numel(), where)
-            for key, (absmax_key, signed) in ADAM_8BIT_MOMENTS.items():
-                try:
-                    state[key], state[absmax_key] = quantize_blockwise(self._copy_like(p, full[key], torch.float32), signed)
-                except ValueError as e:
-                    raise ValueError(f"{where}: state['{key}']: {e}") from None
+        state.update(load_8bit_moments(p, saved, where, ADAM_8BIT_MOMENTS))
         if self._wants_master(group, p):
             state["master_param"] = self._copy_like(p, saved.get("master_param", p), torch.float32)
         return state

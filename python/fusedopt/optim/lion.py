@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from fusedopt._ops import lion_step_
+from fusedopt._ops import lion8bit_step_, lion_step_
 from fusedopt.optim.base import STATE_DTYPES, FusedOptimizer, as_float, state_dtype_name
+from fusedopt.quant import LION_8BIT_MOMENTS, dequantize_state, load_8bit_moments, maps_on, new_8bit_moments
 
 
 class Lion(FusedOptimizer):
@@ -34,6 +35,7 @@ class Lion(FusedOptimizer):
         capturable: bool = False,
         master_weights: bool = False,
         state_dtype: torch.dtype | str = torch.float32,
+        _extra_defaults: dict | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -43,6 +45,7 @@ class Lion(FusedOptimizer):
             capturable=capturable,
             master_weights=bool(master_weights),
             state_dtype=state_dtype_name(state_dtype),
+            **(_extra_defaults or {}),  # subclasses' own group options (e.g. min_8bit_size)
         )
         self._check_group(defaults, "defaults")
         super().__init__(params, defaults)
@@ -67,6 +70,7 @@ class Lion(FusedOptimizer):
         self._check_loaded_shapes(p, saved, where)
         if "exp_avg" not in saved:
             raise ValueError(f"{where}: state lacks 'exp_avg'")
+        saved = dequantize_state(saved, p.numel(), where, LION_8BIT_MOMENTS)  # a Lion8bit checkpoint
         state = {k: v for k, v in saved.items() if k not in self._elementwise_state_keys}
         state["exp_avg"] = self._copy_like(p, saved["exp_avg"], STATE_DTYPES[group["state_dtype"]])
         if self._wants_master(group, p):
@@ -89,3 +93,107 @@ class Lion(FusedOptimizer):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
+
+
+class Lion8bit(Lion):
+    r"""Lion whose momentum is stored in 8 bits: about 1.02 bytes of state per parameter instead of 4.
+
+    The update is :class:`fusedopt.Lion`'s, run on the dequantized momentum (one native pass per
+    bucket; csrc/include/fusedopt/math/lion8bit.h). Per parameter with at least ``min_8bit_size``
+    elements the state is ``exp_avg`` (uint8 codes with the param's shape, into the signed dynamic
+    map of :mod:`fusedopt.quant`) and ``exp_avg_absmax`` (fp32, one per 256-element block in memory
+    order), plus ``master_param`` with ``master_weights=True``. Smaller params (decided per
+    original param) keep an fp32 ``exp_avg`` and run through the fp32 fused Lion.
+
+    Only the sign of ``beta1 * m + (1 - beta1) * g`` reaches the param, so the momentum's rounding
+    (at most 0.7% of its block's largest magnitude) changes an update only where that sum is
+    within rounding of 0.
+
+    Non-finite gradients: under a GradScaler the whole step is skipped, as for Lion. Without one,
+    in an 8-bit param an element whose new momentum would be inf/NaN keeps its param and momentum
+    (it cannot poison the absmax shared by its block); small params propagate NaN/inf as Lion does.
+
+    Checkpoints hold plain tensors (``weights_only=True`` loads them). A :class:`fusedopt.Lion`
+    checkpoint loads by quantizing its momentum; :class:`fusedopt.Lion` loads this optimizer's by
+    dequantizing; resuming an 8-bit checkpoint continues bitwise identically.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-4,
+        betas=(0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, weight_decay, maximize=maximize, capturable=capturable,
+            master_weights=master_weights, _extra_defaults={"min_8bit_size": min_8bit_size},
+        )
+
+    def _check_group(self, g: dict, where: str, at_step: bool = False) -> None:
+        super()._check_group(g, where, at_step)
+        size = g["min_8bit_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"{self._who}: min_8bit_size must be an int >= 0, got {size!r} in {where}")
+        if g["state_dtype"] != "float32":
+            raise ValueError(f"{self._who}: state_dtype is fixed (8-bit momentum, fp32 for small params) in {where}")
+
+    def _normalize_loaded_group(self, group: dict) -> None:
+        super()._normalize_loaded_group(group)
+        group["state_dtype"] = "float32"  # a Lion(state_dtype=bfloat16) checkpoint loads too
+
+    @staticmethod
+    def _is_8bit(p: torch.Tensor, group: dict) -> bool:
+        return p.numel() >= group["min_8bit_size"]
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        if not self._is_8bit(p, group):
+            return super()._init_state(p, group)
+        state = new_8bit_moments(p, LION_8BIT_MOMENTS)
+        if self._wants_master(group, p):
+            state["master_param"] = self._copy_like(p, p, torch.float32)
+        return state
+
+    def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
+        if not self._is_8bit(p, group):
+            return super()._load_param_state(p, saved, group, where)  # dequantizes if needed
+        self._check_loaded_shapes(p, saved, where)
+        if "exp_avg" not in saved:
+            raise ValueError(f"{where}: state lacks 'exp_avg'")
+        dropped = set(self._elementwise_state_keys) | {"exp_avg_absmax"}
+        state = {k: v for k, v in saved.items() if k not in dropped}
+        state.update(load_8bit_moments(p, saved, where, LION_8BIT_MOMENTS))
+        if self._wants_master(group, p):
+            state["master_param"] = self._copy_like(p, saved.get("master_param", p), torch.float32)
+        return state
+
+    def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
+        full_precision = []
+        beta1, beta2 = group["betas"]
+        for (device, _, _, state_dtype, master), items in self._buckets(group, pairs).items():
+            if state_dtype != torch.uint8:
+                full_precision += [(p, g) for p, g, _ in items]
+                continue
+            states = [s for _, _, s in items]
+            lion8bit_step_(
+                [p for p, _, _ in items],
+                [g for _, g, _ in items],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_absmax"] for s in states],
+                [s["master_param"] for s in states] if master else [],
+                signed_map=maps_on(device)[0],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+        if full_precision:  # params under min_8bit_size: the fp32 fused Lion
+            super()._step_group(group, full_precision, grad_scale, found_inf)
