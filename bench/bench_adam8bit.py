@@ -1,0 +1,70 @@
+"""8-bit AdamW step time: fusedopt.AdamW8bit vs bitsandbytes and torchao AdamW8bit.
+
+    PYTHONPATH=python python bench/bench_adam8bit.py [--device cpu|cuda] [--sizes 1M 4M ...] [--quick]
+
+Only optimizer.step() is timed; grads are set once. Sizes are in M = 2**20 params. Results go to
+stdout and to bench/results/adam8bit_<device>.{json,md}; see bench/README.md for the bytes model.
+A peer that is not installed is listed as missing (`pip install .[bench]` installs them).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fusedopt  # noqa: E402
+from harness import SIZES, Impl, main, peer  # noqa: E402
+
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+BnbAdamW8bit = peer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes")
+TorchaoAdamW8bit = peer("torchao.optim", "AdamW8bit", "torchao")
+
+# fp32 params: read and write p (4+4), read g (4), read and write the codes of m and v (1+1 each)
+# = 16 B/param; bf16 params: 2+2, 2, 2 x (1+1) = 10 B/param (plus 16 B of absmax per 256 elements).
+GROUPS = [
+    [
+        Impl("fusedopt AdamW8bit", torch.float32, "fp32 p,g + 8-bit m,v", 16,
+             lambda ps: fusedopt.AdamW8bit(ps, **HYPER), True),
+        Impl("bnb AdamW8bit", torch.float32, "fp32 p,g + 8-bit m,v", 16, lambda ps: BnbAdamW8bit(ps, **HYPER)),
+        Impl("torchao AdamW8bit", torch.float32, "fp32 p,g + 8-bit m,v", 16, lambda ps: TorchaoAdamW8bit(ps, **HYPER)),
+    ],
+    [
+        Impl("fusedopt AdamW8bit bf16", torch.bfloat16, "bf16 p,g + 8-bit m,v", 10,
+             lambda ps: fusedopt.AdamW8bit(ps, **HYPER), True),
+        Impl("bnb AdamW8bit bf16", torch.bfloat16, "bf16 p,g + 8-bit m,v", 10, lambda ps: BnbAdamW8bit(ps, **HYPER)),
+        Impl("torchao AdamW8bit bf16", torch.bfloat16, "bf16 p,g + 8-bit m,v", 10,
+             lambda ps: TorchaoAdamW8bit(ps, **HYPER)),
+    ],
+]
+IMPLS = {impl.name: impl for group in GROUPS for impl in group}
+
+
+def check(impl_name: str, device: str) -> str | None:
+    """Three steps of `impl` vs torch.optim.AdamW (fp32, for-loop) from the same values; None if ok.
+    The 8-bit moments are within 0.7% of their block's largest value, so the distance each param
+    travelled may differ from AdamW's by a few percent: 5% (of the total distance) is allowed."""
+    impl = IMPLS[impl_name]
+    torch.manual_seed(0)
+    shapes = [(3, 70001), (1000,), (7,)]
+    params = [torch.randn(s, device=device).to(impl.dtype) for s in shapes]
+    refs = [p.float() for p in params]
+    init = [p.float().clone() for p in params]
+    for p, r in zip(params, refs):
+        p.grad = torch.randn_like(p)
+        r.grad = p.grad.float()
+    opt, ref_opt = impl.make(params), torch.optim.AdamW(refs, **HYPER, foreach=False)
+    for _ in range(3):
+        opt.step()
+        ref_opt.step()
+    travelled = sum(((r - i) ** 2).sum() for r, i in zip(refs, init)) ** 0.5
+    diff = sum(((p.float() - r) ** 2).sum() for p, r in zip(params, refs)) ** 0.5
+    # bf16 params round every step: up to 2^-9 of |p| each
+    slack = 0.0 if impl.dtype == torch.float32 else 3 * 2**-9 * sum((r ** 2).sum() for r in refs) ** 0.5
+    ok = diff <= 0.05 * travelled + slack
+    return None if ok else f"distance to AdamW {float(diff):.3g} > 5% of distance travelled {float(travelled):.3g}"
+
+
+if __name__ == "__main__":
+    main("adam8bit", __doc__, GROUPS, "bench_adam8bit", sizes={"cpu": [1, 4, 16, 64], "cuda": SIZES["cuda"]})
