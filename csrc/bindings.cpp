@@ -181,6 +181,9 @@ PYBIND11_MODULE(_C, m) {
         convert_cpu(src, DType(src_dtype), dst, DType(dst_dtype), n);
       },
       "Cast n elements on the CPU with fusedopt's own rounding (for tests)");
+  m.def("cpu_isa", &cpu_isa, "Instruction set of the CPU loops: baseline, avx2 or avx512");
+  m.def("set_cpu_isa_limit", &set_cpu_isa_limit, "Cap the CPU loops' instruction set (baseline, avx2, avx512)",
+        py::arg("name"));
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_archs", &cuda_archs);
   m.def("cuda_runtime_version", &cuda_runtime_version);

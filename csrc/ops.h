@@ -1,6 +1,8 @@
 // Backend entry points. ops.cpp routes by device; cpu/ and cuda/ implement.
 #pragma once
 
+#include <string>
+
 #include "fusedopt/math/adam.h"
 #include "fusedopt/math/lion.h"
 #include "fusedopt/math/quant8.h"
@@ -90,6 +92,10 @@ void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uint
 
 // Elementwise dtype conversion through dtype.h (lets tests check the shared rounding code).
 void convert_cpu(uintptr_t src, DType src_dtype, uintptr_t dst, DType dst_dtype, int64_t n);
+
+// The instruction set the CPU loops use now ("baseline", "avx2" or "avx512"), and a cap on it.
+const char* cpu_isa();
+void set_cpu_isa_limit(const std::string& name);
 
 bool cuda_compiled();
 const char* cuda_archs();

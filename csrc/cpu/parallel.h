@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -37,8 +38,9 @@ inline std::vector<WorkItem> make_work_items(const std::vector<int64_t>& numels,
 }
 
 // The update loops are divide/sqrt-bound at SSE2 width on a 2-core machine (measured: 34 ms vs
-// 23 ms per 16M-param AdamW step on one core), so x86-64 also runs them compiled for AVX2+FMA
-// when the CPU has it. -ffp-contract=off keeps both copies bitwise identical.
+// 23 ms per 16M-param AdamW step on one core), so x86-64 also runs them compiled for AVX2+FMA and
+// for AVX-512 when the CPU has them (torch's own fused CPU kernels use AVX-512 where present).
+// -ffp-contract=off and exact vector div/sqrt keep every copy bitwise identical.
 template <typename F>
 void run_item_baseline(const F& f, const WorkItem& w) {
   f(w);
@@ -50,11 +52,44 @@ __attribute__((target("avx2,fma"))) void run_item_avx2(const F& f, const WorkIte
   f(w);
 }
 
+template <typename F>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
+void run_item_avx512(const F& f, const WorkItem& w) {
+  f(w);
+}
+
 inline bool has_avx2_fma() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
 }
+
+inline bool has_avx512() {
+  static const bool yes = has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
 #endif
+
+// The widest instruction set this CPU has, capped by isa_limit() (set_cpu_isa_limit in ops.h:
+// benchmarks compare the tiers, tests check that they agree bitwise).
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline std::atomic<int>& isa_limit() {
+  static std::atomic<int> limit{int(Isa::kAvx512)};
+  return limit;
+}
+
+inline Isa best_isa() {
+  Isa isa = Isa::kBaseline;
+#if defined(__x86_64__)
+  if (has_avx512()) {
+    isa = Isa::kAvx512;
+  } else if (has_avx2_fma()) {
+    isa = Isa::kAvx2;
+  }
+#endif
+  return Isa(std::min(int(isa), isa_limit().load()));
+}
 
 // Runs f (a FUSEDOPT_CPU_KERNEL lambda) over every chunk of every tensor.
 template <typename F>
@@ -65,7 +100,9 @@ void parallel_over_chunks(const std::vector<int64_t>& numels, int num_threads, c
   const bool parallel = num_threads > 1 && total >= kMinParallelElements;
   void (*run)(const F&, const WorkItem&) = &run_item_baseline<F>;
 #if defined(__x86_64__)
-  if (has_avx2_fma()) run = &run_item_avx2<F>;
+  const Isa isa = best_isa();
+  if (isa == Isa::kAvx512) run = &run_item_avx512<F>;
+  if (isa == Isa::kAvx2) run = &run_item_avx2<F>;
 #endif
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
   for (int64_t i = 0; i < n; ++i) run(f, items[i]);

@@ -12,6 +12,8 @@ import importlib
 COMMANDS = {
     "demo": ("fusedopt.demo", "train a tiny char-level transformer with torch.optim.AdamW and "
                               "fusedopt.AdamW from the same init and compare loss, speed, memory"),
+    "bench": ("fusedopt.benchmarks.cli", "time every fusedopt optimizer's step against every installed peer "
+                                        "(torch.optim, bitsandbytes, torchao, lion-pytorch); tables, JSON, plot"),
     "memory": ("fusedopt.memory_cli", "plan per-rank memory (weights, grads, master, optimizer states) "
                                       "of a model under ZeRO stages 0..3, for every fusedopt optimizer"),
 }

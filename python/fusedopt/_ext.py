@@ -31,6 +31,7 @@ def backends() -> dict:
     compiled = cuda_compiled()
     return {
         "cpu": _C is not None,
+        "cpu_isa": _C.cpu_isa() if _C is not None else "",
         "cuda_compiled": compiled,
         "cuda_archs": _C.cuda_archs() if compiled else "",
         "cuda_usable": compiled and torch.cuda.is_available(),

@@ -1,6 +1,8 @@
 """Turns lists of torch tensors into the raw pointers the native backends take."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fusedopt._ext import cuda_compiled, lib
@@ -19,6 +21,12 @@ def is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= t.size(d)
     return True
+
+
+def nvtx_range(name: str, device: torch.device):
+    """An NVTX range around a CUDA step or kernel family, so Nsight Systems timelines name fusedopt's
+    work ("fusedopt.AdamW.step", "fusedopt.adam_step", ...); nothing on the CPU."""
+    return torch.cuda.nvtx.range(name) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _ptrs(tensors) -> list[int]:
@@ -69,7 +77,7 @@ class _Launch:
 
     def run(self, fn, *args):
         if self.device.type == "cuda":
-            with torch.cuda.device(self.device):
+            with torch.cuda.device(self.device), nvtx_range(f"fusedopt.{fn.__name__}", self.device):
                 fn(*args)
         else:
             fn(*args)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fusedopt._ops import nvtx_range
+
 Triple = tuple[float, float, float]
 
 # Keller Jordan's quintic: one (a, b, c) for every iteration; output singular values ~[0.7, 1.2].
@@ -105,8 +107,9 @@ def orthogonalize(mats: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:
             raise ValueError(f"orthogonalize takes 2-D matrices, got shape {tuple(m.shape)} at index {i}")
         by_shape.setdefault((tuple(m.shape), m.device), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)
-    for idx in by_shape.values():
-        batch = zeropower(torch.stack([mats[i] for i in idx]), **kwargs)
+    for (shape, device), idx in by_shape.items():
+        with nvtx_range(f"fusedopt.newton_schulz {len(idx)}x{shape[0]}x{shape[1]}", device):
+            batch = zeropower(torch.stack([mats[i] for i in idx]), **kwargs)
         for i, o in zip(idx, batch.unbind(0)):
             out[i] = o
     return out  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from fusedopt._ops import check_device_supported, is_dense
+from fusedopt._ops import check_device_supported, is_dense, nvtx_range
 
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -167,9 +167,11 @@ class FusedOptimizer(Optimizer):
         for i, group in enumerate(self.param_groups):
             self._validate_group(group, i, at_step=True)
             plans.append(self._grads_of(group, i))
-        for group, pairs in zip(self.param_groups, plans):
-            if pairs:
-                self._step_group(group, pairs, grad_scale, found_inf)
+        device = next((pairs[0][0].device for pairs in plans if pairs), torch.device("cpu"))
+        with nvtx_range(f"fusedopt.{type(self).__name__}.step", device):
+            for group, pairs in zip(self.param_groups, plans):
+                if pairs:
+                    self._step_group(group, pairs, grad_scale, found_inf)
         return loss
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:

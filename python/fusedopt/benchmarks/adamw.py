@@ -1,21 +1,16 @@
 """AdamW step time: fusedopt.AdamW vs torch.optim.AdamW (for-loop, foreach, fused).
 
-    PYTHONPATH=python python bench/bench_adamw.py [--device cpu|cuda] [--sizes 1M 4M ...] [--quick]
-
-Only optimizer.step() is timed; grads are set once. Sizes are in M = 2**20 params. Results go to
-stdout and to bench/results/adamw_<device>.{json,md}; see bench/README.md for the bytes model.
+A suite of `python -m fusedopt bench` (see fusedopt/benchmarks/harness.py); bench/README.md has
+the bytes model behind each row's B/param.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fusedopt  # noqa: E402
-from harness import Impl, main  # noqa: E402
+import fusedopt
+from fusedopt.benchmarks.harness import SIZES, Impl  # SIZES: this suite runs the default sizes
 
+NAME = "adamw"
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
@@ -63,7 +58,3 @@ def check(impl_name: str, device: str) -> str | None:
     except AssertionError as e:
         return str(e).splitlines()[0]
     return None
-
-
-if __name__ == "__main__":
-    main("adamw", __doc__, GROUPS, "bench_adamw")

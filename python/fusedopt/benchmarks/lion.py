@@ -1,22 +1,16 @@
 """Lion step time: fusedopt.Lion / Lion8bit vs lion-pytorch and bitsandbytes Lion / Lion8bit.
 
-    PYTHONPATH=python python bench/bench_lion.py [--device cpu|cuda] [--sizes 1M 4M ...] [--quick]
-
-Only optimizer.step() is timed; grads are set once. Sizes are in M = 2**20 params. Results go to
-stdout and to bench/results/lion_<device>.{json,md}; see bench/README.md for the bytes model.
-A peer that is not installed is listed as missing (`pip install .[bench]` installs them).
+A suite of `python -m fusedopt bench` (see fusedopt/benchmarks/harness.py); bench/README.md has
+the bytes model behind each row's B/param.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fusedopt  # noqa: E402
-from harness import Impl, main, peer  # noqa: E402
+import fusedopt
+from fusedopt.benchmarks.harness import SIZES, Impl, peer  # SIZES: this suite runs the default sizes
 
+NAME = "lion"
 HYPER = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
 LionPytorch = peer("lion_pytorch", "Lion", "lion-pytorch")
 BnbLion = peer("bitsandbytes.optim", "Lion", "bitsandbytes")
@@ -70,7 +64,3 @@ def check(impl_name: str, device: str) -> str | None:
     n = sum(p.numel() for p in params)
     off = sum(int(((p.double() - r).abs() > 1e-6).sum()) for p, r in zip(params, ref))
     return None if off <= allowed * n else f"{off} of {n} elements differ from the fp64 reference by > 1e-6"
-
-
-if __name__ == "__main__":
-    main("lion", __doc__, GROUPS, "bench_lion")

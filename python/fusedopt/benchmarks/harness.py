@@ -1,14 +1,13 @@
-"""What every step-time benchmark here shares: implementations grouped against a fusedopt
-reference, validation in a child process before timing, timing with other-process load, GB/s and
-% of the bandwidth measured in the same run, the table and the result files.
+"""What every step-time suite shares: implementations grouped against a fusedopt reference,
+validation in a child process before timing, timing with other-process load, GB/s and % of the
+bandwidth measured in the same run, and the table.
 
-A bench module defines GROUPS (lists of Impl; the first of a group is the fusedopt reference its
-speedups are taken against) and a `check(impl_name, device) -> str | None` run before timing, then
-calls `main(...)`.
+A suite module (adamw.py, lion.py, adam8bit.py beside this file) defines NAME, GROUPS (lists of
+Impl; the first of a group is the fusedopt reference its speedups are taken against), SIZES (per
+device, in M = 2**20 params) and `check(impl_name, device) -> str | None`, run before timing.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib
@@ -20,8 +19,7 @@ from typing import Callable
 
 import torch
 
-import fusedopt
-from common import OtherLoad, copy_bandwidth_gbs, env_stamp, markdown_table, time_fn, write_results
+from fusedopt.benchmarks.common import OtherLoad, markdown_table, time_fn
 
 M = 1 << 20
 SIZES = {"cpu": [1, 4, 16, 32, 64], "cuda": [1, 4, 16, 32, 64, 128, 256]}
@@ -69,19 +67,19 @@ def peer(module: str, attr: str, pip_name: str) -> Callable:
 
 
 # --- validation: a broken kernel is reported, never timed -----------------------------------------
-def _validate_child(bench_module: str, impl_name: str, device: str, conn) -> None:
+def _validate_child(suite_module: str, impl_name: str, device: str, conn) -> None:
     try:
-        conn.send(importlib.import_module(bench_module).check(impl_name, device))
+        conn.send(importlib.import_module(suite_module).check(impl_name, device))
     except Exception as e:  # report any failure as text; the parent decides
         conn.send(f"{type(e).__name__}: {e}")
 
 
-def validate(bench_module: str, impl_name: str, device: str) -> str | None:
-    """Runs bench_module.check in a fresh process: a kernel that corrupts memory then crashes the
+def validate(suite_module: str, impl_name: str, device: str) -> str | None:
+    """Runs suite_module.check in a fresh process: a kernel that corrupts memory then crashes the
     child, not the benchmark."""
     ctx = mp.get_context("spawn")  # fork is unsafe with CUDA and OpenMP state
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_validate_child, args=(bench_module, impl_name, device, send))
+    proc = ctx.Process(target=_validate_child, args=(suite_module, impl_name, device, send))
     proc.start()
     send.close()
     try:
@@ -96,7 +94,8 @@ def validate(bench_module: str, impl_name: str, device: str) -> str | None:
 
 
 # --- timing -------------------------------------------------------------------------------------
-def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, failures: dict, timing_kw: dict) -> list[dict]:
+def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, failures: dict, timing_kw: dict,
+               progress: Callable[[str], None]) -> list[dict]:
     numel = sum(torch.Size(s).numel() for s in shapes)
     params = [torch.randn(s, device=device, dtype=group[0].dtype) for s in shapes]
     for p in params:
@@ -105,6 +104,7 @@ def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, f
     for impl in group:
         row = dict(case=case, n_tensors=len(shapes), numel=numel, impl=impl.name, layout=impl.layout,
                    bytes_per_param=impl.bytes_per_param, is_fusedopt=impl.is_fusedopt)
+        progress(f"{case} | {impl.name}")
         if impl.name in failures:
             rows.append(dict(row, error=failures[impl.name]))
             continue
@@ -113,7 +113,6 @@ def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, f
             opt.step()  # state allocation (and a peer failing on this device) outside the timing
         except Exception as e:
             rows.append(dict(row, error=str(e) if isinstance(e, Missing) else f"failed: {type(e).__name__}: {e}"[:200]))
-            print(f"  {case:>24} | {impl.name:<24} {rows[-1]['error']}", file=sys.stderr, flush=True)
             continue
         nvtx = torch.cuda.nvtx.range(f"{case} | {impl.name}") if device == "cuda" else contextlib.nullcontext()
         with nvtx, OtherLoad() as load:
@@ -122,7 +121,6 @@ def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, f
         del opt  # one optimizer's state alive at a time
         gc.collect()
         rows.append(row)
-        print(f"  {case:>24} | {impl.name:<24} {row['timing'].median_ms:9.3f} ms", file=sys.stderr, flush=True)
     return rows
 
 
@@ -166,51 +164,23 @@ def parse_size(s: str) -> int:
     return int(s.upper().removesuffix("M"))
 
 
-def main(name: str, doc: str, groups: list[list[Impl]], bench_module: str, sizes: dict | None = None) -> None:
-    """Command line, validation, bandwidth probe, timing and results for one benchmark; results go
-    to bench/results/<name>_<device>.{json,md}."""
-    sizes_by_device = sizes or SIZES
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--sizes", nargs="+", type=parse_size, help="single-tensor sizes in M=2**20 params")
-    ap.add_argument("--quick", action="store_true", help="sizes 1M 4M and shorter timing runs")
-    ap.add_argument("--mix-scale", type=int, default=768, metavar="HIDDEN",
-                    help="hidden size of the GPT-2-like tensor mix (768 = full GPT-2 small)")
-    args = ap.parse_args()
-    if args.device == "cuda" and not fusedopt.backends()["cuda_usable"]:
-        sys.exit(f"--device cuda needs a GPU and a CUDA build of fusedopt; backends: {fusedopt.backends()}")
-    sizes = args.sizes or (QUICK_SIZES if args.quick else sizes_by_device[args.device])
-    timing_kw = dict(target_s=0.3) if args.quick else dict(target_s=1.5)
+def cases(sizes: list[int], mix_scale: int) -> list[tuple[str, list[tuple]]]:
+    mix_name = "GPT-2 small mix" if mix_scale == 768 else f"GPT-2 mix, hidden {mix_scale}"
+    return [(f"1 tensor x {n}M", [(n * M,)]) for n in sizes] + [(mix_name, gpt2_shapes(mix_scale))]
 
-    stamp = env_stamp(args.device)
+
+def run_suite(suite, device: str, sizes: list[int], mix_scale: int, copy_gbs: float, timing_kw: dict,
+              progress: Callable[[str], None]) -> dict:
+    """Validate the suite's fusedopt implementations, then time every group on every case."""
     failures = {}
-    for impl in (i for g in groups for i in g if i.is_fusedopt):
-        if err := validate(bench_module, impl.name, args.device):
+    for impl in (i for g in suite.GROUPS for i in g if i.is_fusedopt):
+        if err := validate(suite.__name__, impl.name, device):
             failures[impl.name] = err
             print(f"validation FAILED for {impl.name}: {err}", file=sys.stderr)
-    with OtherLoad() as copy_load:
-        copy_gbs, copy_t = copy_bandwidth_gbs(args.device)
-    print(f"copy bandwidth: {copy_gbs:.1f} GB/s", file=sys.stderr)
-
-    mix_name = "GPT-2 small mix" if args.mix_scale == 768 else f"GPT-2 mix, hidden {args.mix_scale}"
-    cases = [(f"1 tensor x {n}M", [(n * M,)]) for n in sizes] + [(mix_name, gpt2_shapes(args.mix_scale))]
     rows = []
-    for case, shapes in cases:
-        for group in groups:
-            group_rows = time_group(case, shapes, group, args.device, failures, timing_kw)
+    for case, shapes in cases(sizes, mix_scale):
+        for group in suite.GROUPS:
+            group_rows = time_group(case, shapes, group, device, failures, timing_kw, progress)
             add_metrics(group_rows, copy_gbs)
             rows += group_rows
-
-    table = render(rows)
-    print(table)
-    body = (
-        f"measured bandwidth (better of dst.copy_(src) and in-place x.mul_(1.0), 2 x nbytes each): **{copy_gbs:.1f} GB/s** "
-        f"(median of {copy_t.reps}, {copy_t.median_ms:.2f} ms per pass; other load "
-        f"{'-' if copy_load.cores is None else f'{copy_load.cores:.2f}'} cores)\n\n"
-        "fusedopt speedup = peer median / fusedopt median within the same group (>1: fusedopt faster). "
-        "GB/s counts the model's bytes/param (bench/README.md), 1 GB = 1e9 B.\n\n" + table
-    )
-    payload = dict(copy_bandwidth_gbs=copy_gbs, copy_timing=copy_t, copy_other_load_cores=copy_load.cores,
-                   validation_failures=failures, rows=rows)
-    for path in write_results(f"{name}_{args.device}", stamp, payload, body):
-        print(f"wrote {path}", file=sys.stderr)
+    return dict(validation_failures=failures, rows=rows)

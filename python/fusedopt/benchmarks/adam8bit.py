@@ -1,22 +1,17 @@
 """8-bit AdamW step time: fusedopt.AdamW8bit vs bitsandbytes and torchao AdamW8bit.
 
-    PYTHONPATH=python python bench/bench_adam8bit.py [--device cpu|cuda] [--sizes 1M 4M ...] [--quick]
-
-Only optimizer.step() is timed; grads are set once. Sizes are in M = 2**20 params. Results go to
-stdout and to bench/results/adam8bit_<device>.{json,md}; see bench/README.md for the bytes model.
-A peer that is not installed is listed as missing (`pip install .[bench]` installs them).
+A suite of `python -m fusedopt bench` (see fusedopt/benchmarks/harness.py); bench/README.md has
+the bytes model behind each row's B/param.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fusedopt  # noqa: E402
-from harness import SIZES, Impl, main, peer  # noqa: E402
+import fusedopt
+from fusedopt.benchmarks.harness import SIZES as DEFAULT_SIZES
+from fusedopt.benchmarks.harness import Impl, peer
 
+NAME = "adam8bit"
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 BnbAdamW8bit = peer("bitsandbytes.optim", "AdamW8bit", "bitsandbytes")
 TorchaoAdamW8bit = peer("torchao.optim", "AdamW8bit", "torchao")
@@ -38,6 +33,8 @@ GROUPS = [
              lambda ps: TorchaoAdamW8bit(ps, **HYPER)),
     ],
 ]
+# bitsandbytes takes ~40 ns a param on a CPU core: 32M is left out there to keep the run short
+SIZES = {"cpu": [1, 4, 16, 64], "cuda": DEFAULT_SIZES["cuda"]}
 IMPLS = {impl.name: impl for group in GROUPS for impl in group}
 
 
@@ -64,7 +61,3 @@ def check(impl_name: str, device: str) -> str | None:
     slack = 0.0 if impl.dtype == torch.float32 else 3 * 2**-9 * sum((r ** 2).sum() for r in refs) ** 0.5
     ok = diff <= 0.05 * travelled + slack
     return None if ok else f"distance to AdamW {float(diff):.3g} > 5% of distance travelled {float(travelled):.3g}"
-
-
-if __name__ == "__main__":
-    main("adam8bit", __doc__, GROUPS, "bench_adam8bit", sizes={"cpu": [1, 4, 16, 64], "cuda": SIZES["cuda"]})

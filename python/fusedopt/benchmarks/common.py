@@ -1,5 +1,5 @@
-"""Shared benchmark plumbing: timers, a measured copy-bandwidth roofline, an environment stamp and
-result writers. Imports and runs on CPU-only machines; CUDA paths are touched only for device='cuda'."""
+"""Benchmark plumbing: timers, a measured copy-bandwidth roofline, an environment stamp and result
+writers. Imports and runs on CPU-only machines; CUDA paths are touched only for device='cuda'."""
 from __future__ import annotations
 
 import datetime
@@ -19,8 +19,6 @@ import torch
 import fusedopt
 import fusedopt._ext
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -139,7 +137,7 @@ def copy_bandwidth_gbs(device: str) -> tuple[float, Timing]:
 
 def _run(cmd: list[str]) -> str | None:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO_ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
@@ -161,11 +159,12 @@ def _file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def env_stamp(device: str) -> dict:
+def env_stamp(device: str, command: str) -> dict:
+    """What a result needs to be reproduced and judged: `command` as the user typed it, versions,
+    the binary measured, the machine and its load."""
     stamp = {
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "argv": list(sys.argv),
+        "command": command,
         "device": device,
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -176,6 +175,7 @@ def env_stamp(device: str) -> dict:
         "fusedopt_backends": fusedopt.backends(),
         # The extension can be rebuilt without a commit: its hash says which binary was measured.
         "fusedopt_ext_sha256": _file_sha256(fusedopt._ext.lib().__file__),
+        # The checkout the command ran in (None outside one, e.g. from an installed wheel).
         "git_sha": _run(["git", "rev-parse", "--short", "HEAD"]),
         # Tracked files that differ from git_sha: the measured code is then not exactly that commit.
         "git_modified": [
@@ -202,12 +202,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def stamp_markdown(stamp: dict) -> str:
     lines = [f"- command: `{stamp['command']}`"]
-    lines += [f"- {k}: {v}" for k, v in stamp.items() if k not in ("command", "argv")]
+    lines += [f"- {k}: {v}" for k, v in stamp.items() if k != "command"]
     return "\n".join(lines)
 
 
-def write_results(name: str, stamp: dict, payload: dict, markdown_body: str) -> tuple[Path, Path]:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(out_dir: Path, name: str, stamp: dict, payload: dict, markdown_body: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dict(
         stamp,
         loadavg_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -217,7 +217,7 @@ def write_results(name: str, stamp: dict, payload: dict, markdown_body: str) -> 
     )
     if stamp["fusedopt_ext_sha256_end"] != stamp["fusedopt_ext_sha256"]:
         print("WARNING: the fusedopt extension file changed during this run", file=sys.stderr)
-    json_path, md_path = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps({"env": stamp, **payload}, indent=2, default=_jsonable) + "\n")
     md_path.write_text(f"# {name}\n\n{stamp_markdown(stamp)}\n\n{markdown_body}\n")
     return json_path, md_path

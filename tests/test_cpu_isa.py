@@ -1,0 +1,71 @@
+"""The CPU loops are compiled for several instruction sets (cpu/parallel.h picks the widest the CPU
+has): every tier this machine can run must give bitwise the same params and states."""
+import pytest
+import torch
+
+import fusedopt
+from fusedopt._ext import lib
+
+OPTIMIZERS = {
+    "AdamW": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    "AdamW master": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, master_weights=True),
+    "AdamW8bit": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=0),
+    "Lion": lambda ps: fusedopt.Lion(ps, lr=1e-3, weight_decay=0.1, state_dtype=torch.bfloat16),
+    "Lion8bit": lambda ps: fusedopt.Lion8bit(ps, lr=1e-3, weight_decay=0.1, min_8bit_size=0),
+}
+
+
+def _tiers():
+    seen = []
+    try:
+        for name in ("baseline", "avx2", "avx512"):
+            lib().set_cpu_isa_limit(name)
+            if lib().cpu_isa() == name:
+                seen.append(name)
+    finally:
+        lib().set_cpu_isa_limit("avx512")
+    return seen
+
+
+@pytest.fixture
+def isa():
+    def use(name):
+        lib().set_cpu_isa_limit(name)
+        assert lib().cpu_isa() == name
+
+    yield use
+    lib().set_cpu_isa_limit("avx512")
+
+
+def _run(make, dtype):
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(n, generator=g).to(dtype).requires_grad_() for n in (1, 255, 4097, 70001)]
+    opt = make(ps)
+    for _ in range(5):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=g) * torch.logspace(-4, 1, p.numel())).to(dtype)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_instruction_set_gives_the_same_bits(name, dtype, isa):
+    tiers = _tiers()
+    assert tiers[0] == "baseline"
+    results = {}
+    for tier in tiers:
+        isa(tier)
+        results[tier] = _run(OPTIMIZERS[name], dtype)
+    ref_ps, ref_opt = results["baseline"]
+    for tier, (ps, opt) in results.items():
+        for p, q in zip(ps, ref_ps):
+            assert torch.equal(p, q), f"{tier} params differ from baseline"
+            for key, v in opt.state[p].items():
+                assert torch.equal(v, ref_opt.state[q][key]), f"{tier} state['{key}'] differs from baseline"
+
+
+def test_bad_isa_name_is_refused():
+    with pytest.raises(ValueError, match="avx3"):
+        lib().set_cpu_isa_limit("avx3")
+    assert fusedopt.backends()["cpu_isa"] in ("baseline", "avx2", "avx512")
