@@ -170,7 +170,7 @@ def test_table_and_sharding():
     assert all(line.split()[-1] == "yes" for line in lines[2:5])
     assert len({len(line) for line in lines[1:5]}) == 1  # aligned columns
     assert (report.sharding.world_size, report.sharding.rank, report.sharding.factor) == (1, 0, 1)
-    assert "ZeRO sharding not implemented yet" in str(report)
+    assert "sharding: world_size=1 rank=0 factor=1" in str(report)  # sharded: tests/test_zero.py
 
 
 def test_step_peak_is_skipped_on_cpu():

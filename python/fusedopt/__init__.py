@@ -7,8 +7,8 @@ The same update rules run on CUDA (multi-tensor-apply kernels) and on the CPU (O
 one C++ header per rule. ``fusedopt.backends()`` says what this build and machine can run.
 """
 from fusedopt._ext import backends
-from fusedopt.optim import Adam, Adam8bit, AdamW, AdamW8bit, Lion, Lion8bit, Muon, MuonWithAdamW
+from fusedopt.optim import Adam, Adam8bit, AdamW, AdamW8bit, Lion, Lion8bit, Muon, MuonWithAdamW, ZeroShardedOptimizer, merge_local_state_dicts
 from fusedopt.memory import memory_report, plan_memory
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "Adam8bit", "AdamW8bit", "Lion", "Lion8bit", "Muon", "MuonWithAdamW", "backends", "memory_report", "plan_memory", "__version__"]
+__all__ = ["Adam", "AdamW", "Adam8bit", "AdamW8bit", "Lion", "Lion8bit", "Muon", "MuonWithAdamW", "ZeroShardedOptimizer", "merge_local_state_dicts", "backends", "memory_report", "plan_memory", "__version__"]

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 import fusedopt.optim as fused
+from fusedopt.optim.base import policy_numel
 from fusedopt.quant import BLOCK
 
 KINDS = ("moments", "absmax", "master", "step", "other")
@@ -83,8 +84,11 @@ class StateLayout:
             return 4  # a param below min_8bit_size keeps fp32 moments
         return _ITEMSIZE[self.moment_dtype]
 
-    def bytes(self, numel: int, param_dtype: torch.dtype) -> StateBytes:
-        if self.moment_dtype == "8bit" and numel >= self.min_8bit_size:
+    def bytes(self, numel: int, param_dtype: torch.dtype, policy_numel: int | None = None) -> StateBytes:
+        """State of a param (or, sharded, of a piece of one) of `numel` elements; whether it is
+        8-bit is decided by `policy_numel`, the whole param's count (default: numel)."""
+        policy = numel if policy_numel is None else policy_numel
+        if self.moment_dtype == "8bit" and policy >= self.min_8bit_size:
             moments, absmax = self.moments * numel, self.moments * 4 * math.ceil(numel / BLOCK)
         else:
             moments, absmax = self.moments * self._itemsize(param_dtype) * numel, 0
@@ -154,12 +158,14 @@ class GroupReport:
 
 @dataclass(frozen=True)
 class Sharding:
-    """How the state is split across ranks. fusedopt has no ZeRO sharding yet: every rank holds
-    all of its optimizer's state, so this is always world_size=1, rank=0, factor=1 for now."""
+    """How the state is split across ranks: with fusedopt.ZeroShardedOptimizer each rank holds
+    about 1/factor of it (factor = world_size); otherwise world_size=1, rank=0, factor=1.
+    params_total counts the whole model's params, the report's num_params this rank's share."""
 
     world_size: int = 1
     rank: int = 0
     factor: int = 1
+    params_total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,9 @@ class MemoryReport:
         return "\n".join([
             f"{self.optimizer}: optimizer state, measured from allocated storages (bytes)",
             render_table(header, rows),
-            f"sharding: world_size={s.world_size} rank={s.rank} factor={s.factor} (ZeRO sharding not implemented yet)",
+            f"sharding: world_size={s.world_size} rank={s.rank} factor={s.factor}"
+            + ("" if s.params_total is None else f"; this rank owns the state of {self.total.num_params:,} of "
+               f"{s.params_total:,} params ({self.total.measured.total:,} B here)"),
             peak,
         ])
 
@@ -251,7 +259,7 @@ def _group_report(optimizer, index: int, group: dict, seen: set) -> GroupReport:
             continue
         with_state += 1
         if layout:
-            declared += layout.bytes(p.numel(), p.dtype)
+            declared += layout.bytes(p.numel(), p.dtype, policy_numel(p))
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue  # e.g. a Python-number step: no tensor memory
@@ -294,7 +302,9 @@ def memory_report(optimizer: torch.optim.Optimizer, *, measure_step_peak: bool =
     class declares in :data:`LAYOUTS`: ``declared`` is None and ``consistent`` is None for
     classes not listed there (any torch.optim optimizer can still be measured).
 
-    ``sharding`` is always world_size=1, rank=0, factor=1: ZeRO sharding is not implemented yet.
+    For a :class:`fusedopt.ZeroShardedOptimizer` the report covers this rank: the state of the
+    pieces it owns (``num_params`` counts their elements), with ``sharding`` saying the world size,
+    rank and the whole model's param count; elsewhere ``sharding`` is world_size=1, factor=1.
 
     measure_step_peak: when a param is on CUDA, run ``optimizer.step(closure)`` once (this
     updates the params) between ``reset_peak_memory_stats`` and ``max_memory_allocated`` and
@@ -303,6 +313,14 @@ def memory_report(optimizer: torch.optim.Optimizer, *, measure_step_peak: bool =
     devices are reset. On CPU nothing is run and ``step_peak`` is None. This CUDA path has not
     been run on hardware yet (it was written on a machine without a GPU).
     """
+    if isinstance(optimizer, fused.ZeroShardedOptimizer):
+        # This rank's state is its inner optimizer's, over the pieces it owns.
+        inner = memory_report(optimizer.inner, measure_step_peak=False)
+        step_peak = _step_peak(optimizer, closure) if measure_step_peak else None
+        total_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        sharding = Sharding(optimizer.world_size, optimizer.rank, optimizer.world_size, total_params)
+        return replace(inner, optimizer=f"fusedopt.ZeroShardedOptimizer({inner.optimizer})", sharding=sharding,
+                       step_peak=step_peak)
     step_peak = _step_peak(optimizer, closure) if measure_step_peak else None
     # Params are weights, not state: a state entry aliasing one costs no extra memory.
     seen = {_storage_key(p) for g in optimizer.param_groups for p in g["params"]}

@@ -118,7 +118,7 @@ class OtherLoad:
             self.cores = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
 
 
-def copy_bandwidth_gbs(device: str) -> tuple[float, Timing]:
+def copy_bandwidth_gbs(device: str, target_s: float = 1.0) -> tuple[float, Timing]:
     """Measured memory bandwidth (GB/s, 1e9): the better of two streaming probes, each counted as
     read + write = 2 * nbytes:
       - dst.copy_(src), the device-to-device copy the targets are stated against;
@@ -129,8 +129,8 @@ def copy_bandwidth_gbs(device: str) -> tuple[float, Timing]:
     nbytes = (1 << 30) if device == "cuda" else (256 << 20)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # touched now so page faults are not timed
-    copy = time_fn(lambda: dst.copy_(src), device, min_reps=10)
-    inplace = time_fn(lambda: dst.mul_(1.0), device, min_reps=10)
+    copy = time_fn(lambda: dst.copy_(src), device, min_reps=10, target_s=target_s)
+    inplace = time_fn(lambda: dst.mul_(1.0), device, min_reps=10, target_s=target_s)
     best = min(copy, inplace, key=lambda t: t.median_ms)
     return 2 * nbytes / (best.median_ms * 1e-3) / 1e9, best
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from fusedopt.benchmarks.common import OtherLoad, markdown_table, time_fn
+from fusedopt.benchmarks.common import OtherLoad, copy_bandwidth_gbs, markdown_table, time_fn
 
 M = 1 << 20
 SIZES = {"cpu": [1, 4, 16, 32, 64], "cuda": [1, 4, 16, 32, 64, 128, 256]}
@@ -127,6 +127,7 @@ def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, f
 def add_metrics(rows: list[dict], copy_gbs: float) -> None:
     ref_ms = None
     for row in rows:
+        row["bandwidth_gbs"] = copy_gbs
         t = row.get("timing")
         if row["is_fusedopt"]:
             ref_ms = t.median_ms if t else None
@@ -140,13 +141,13 @@ def add_metrics(rows: list[dict], copy_gbs: float) -> None:
 
 def render(rows: list[dict]) -> str:
     headers = ["case", "params", "implementation", "dtypes", "B/param", "ms/step median [p20, p80]",
-               "GB/s", "% measured BW", "fusedopt speedup", "other load (cores)"]
+               "GB/s", "% measured BW", "fusedopt speedup", "other load (cores)", "measured BW (GB/s)"]
     out = []
     for r in rows:
         head = [r["case"], f"{r['numel'] / 1e6:.1f}M", r["impl"], r["layout"], r["bytes_per_param"]]
         if "error" in r:
             what = r["error"] if r["error"].startswith(("missing", "failed")) else f"FAILED validation, not timed: {r['error']}"
-            out.append(head + [what, "-", "-", "-", "-"])
+            out.append(head + [what, "-", "-", "-", "-", "-"])
             continue
         t = r["timing"]
         speedup = r.get("fusedopt_speedup")
@@ -156,6 +157,7 @@ def render(rows: list[dict]) -> str:
             f"{r['pct_copy_bw']:.0f}%",
             "-" if speedup is None else ("ref" if r["is_fusedopt"] else f"{speedup:.2f}x"),
             "-" if r["other_load_cores"] is None else f"{r['other_load_cores']:.2f}",
+            f"{r['bandwidth_gbs']:.1f}",
         ])
     return markdown_table(headers, out)
 
@@ -169,9 +171,11 @@ def cases(sizes: list[int], mix_scale: int) -> list[tuple[str, list[tuple]]]:
     return [(f"1 tensor x {n}M", [(n * M,)]) for n in sizes] + [(mix_name, gpt2_shapes(mix_scale))]
 
 
-def run_suite(suite, device: str, sizes: list[int], mix_scale: int, copy_gbs: float, timing_kw: dict,
+def run_suite(suite, device: str, sizes: list[int], mix_scale: int, timing_kw: dict,
               progress: Callable[[str], None]) -> dict:
-    """Validate the suite's fusedopt implementations, then time every group on every case."""
+    """Validate the suite's fusedopt implementations, then time every group on every case. The
+    bandwidth is measured again before each case: on a shared machine it drifts (measured here:
+    67 and 129 GB/s within the same hour), and a row's % must be against what it had."""
     failures = {}
     for impl in (i for g in suite.GROUPS for i in g if i.is_fusedopt):
         if err := validate(suite.__name__, impl.name, device):
@@ -179,6 +183,7 @@ def run_suite(suite, device: str, sizes: list[int], mix_scale: int, copy_gbs: fl
             print(f"validation FAILED for {impl.name}: {err}", file=sys.stderr)
     rows = []
     for case, shapes in cases(sizes, mix_scale):
+        copy_gbs, _ = copy_bandwidth_gbs(device, target_s=min(0.5, timing_kw.get("target_s", 0.5)))
         for group in suite.GROUPS:
             group_rows = time_group(case, shapes, group, device, failures, timing_kw, progress)
             add_metrics(group_rows, copy_gbs)

@@ -5,6 +5,7 @@ import torch
 
 from fusedopt._ops import adam8bit_step_
 from fusedopt.optim.adam import Adam
+from fusedopt.optim.base import policy_numel
 from fusedopt.quant import ADAM_8BIT_MOMENTS, load_8bit_moments, maps_on, new_8bit_moments
 
 _ABSMAX_KEYS = tuple(absmax_key for absmax_key, _ in ADAM_8BIT_MOMENTS.values())
@@ -90,7 +91,7 @@ class Adam8bit(Adam):
     # --- state -----------------------------------------------------------------------------
     @staticmethod
     def _is_8bit(p: torch.Tensor, group: dict) -> bool:
-        return p.numel() >= group["min_8bit_size"]
+        return policy_numel(p) >= group["min_8bit_size"]
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         if not self._is_8bit(p, group):

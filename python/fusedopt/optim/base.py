@@ -32,6 +32,12 @@ def as_float(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def policy_numel(p: torch.Tensor) -> int:
+    """The element count that decides per-param policies (8-bit or fp32 state): the param's own,
+    or, for a piece of a sharded param (fusedopt.ZeroShardedOptimizer), the whole param's."""
+    return getattr(p, "_fusedopt_policy_numel", p.numel())
+
+
 def reject_torch_only_flags(who: str, foreach, fused, differentiable) -> None:
     if foreach:
         raise ValueError(f"{who} always runs one fused multi-tensor kernel; foreach=True does not apply (leave it None)")

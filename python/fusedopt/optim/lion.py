@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt._ops import lion8bit_step_, lion_step_
-from fusedopt.optim.base import STATE_DTYPES, FusedOptimizer, as_float, state_dtype_name
+from fusedopt.optim.base import STATE_DTYPES, FusedOptimizer, as_float, policy_numel, state_dtype_name
 from fusedopt.quant import LION_8BIT_MOMENTS, dequantize_state, load_8bit_moments, maps_on, new_8bit_moments
 
 
@@ -149,7 +149,7 @@ class Lion8bit(Lion):
 
     @staticmethod
     def _is_8bit(p: torch.Tensor, group: dict) -> bool:
-        return p.numel() >= group["min_8bit_size"]
+        return policy_numel(p) >= group["min_8bit_size"]
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         if not self._is_8bit(p, group):
