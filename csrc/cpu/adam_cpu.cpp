@@ -11,7 +11,8 @@ namespace {
 
 using math::AdamScalars;
 
-template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster>
+// Common: AdamW or wd == 0 (no L2 term) and beta1 > 0.5 (lerp from m); the rest reads the flags.
+template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster, bool Common>
 FUSEDOPT_HD void adam_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
   P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
   const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
@@ -24,7 +25,9 @@ FUSEDOPT_HD void adam_loop(const TensorLists& l, int32_t t, int64_t begin, int64
     float mf = load_float(m, i);
     float vf = load_float(v, i);
     float vmf = Amsgrad ? load_float(vm, i) : 0.0f;
-    math::adam_update<Amsgrad>(pf, load_float(g, i), mf, vf, vmf, s);
+    constexpr math::Known kL2 = Common ? math::Known::kNo : math::Known::kRuntime;
+    constexpr math::Known kLerp = Common ? math::Known::kYes : math::Known::kRuntime;
+    math::adam_update<Amsgrad, kL2, kLerp>(pf, load_float(g, i), mf, vf, vmf, s);
     if (UseMaster) master[i] = pf;
     store_float(p, i, pf);
     store_float(m, i, mf);
@@ -47,15 +50,19 @@ void adam_step_cpu(const AdamLaunch& L) {
     scalars[t] = math::adam_scalars(L.config, h.lr, double(*step), h.grad_scale);
   }
   const bool master = L.dtypes.param != DType::kFloat32 && !L.lists.ptrs[kMaster].empty();
+  // l2 and lerp_w do not depend on the step: the same for every tensor of the launch
+  const bool common = n > 0 && scalars[0].l2 == 0.0f && scalars[0].lerp_w < 0.5f;
   dispatch_param_grad_state(L.dtypes.param, L.dtypes.grad, L.dtypes.state, [&](auto p_tag, auto g_tag, auto s_tag) {
     dispatch_bool(L.amsgrad, [&](auto ams) {
       dispatch_bool(master, [&](auto mst) {
-        using P = decltype(p_tag);
-        using G = decltype(g_tag);
-        using S = decltype(s_tag);
-        cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
-          adam_loop<P, G, S, decltype(ams)::value, decltype(mst)::value>(L.lists, w.tensor, w.begin, w.end,
-                                                                         scalars[w.tensor]);
+        dispatch_bool(common, [&](auto cmn) {
+          using P = decltype(p_tag);
+          using G = decltype(g_tag);
+          using S = decltype(s_tag);
+          cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
+            adam_loop<P, G, S, decltype(ams)::value, decltype(mst)::value, decltype(cmn)::value>(
+                L.lists, w.tensor, w.begin, w.end, scalars[w.tensor]);
+          });
         });
       });
     });

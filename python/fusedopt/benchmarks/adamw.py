@@ -8,10 +8,19 @@ from __future__ import annotations
 import torch
 
 import fusedopt
-from fusedopt.benchmarks.harness import SIZES, Impl  # SIZES: this suite runs the default sizes
+from fusedopt.benchmarks.harness import SIZES, Impl, Missing, peer  # SIZES: this suite runs the default sizes
 
 NAME = "adamw"
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+_DeepSpeedCPUAdam = peer("deepspeed.ops.adam", "DeepSpeedCPUAdam", "deepspeed")
+
+
+def deepspeed_cpu_adam(params):
+    """DeepSpeed's AVX CPU Adam (JIT-built on first use), in AdamW mode; CPU params only."""
+    if params[0].device.type != "cpu":
+        raise Missing("missing (DeepSpeedCPUAdam runs on CPU params only)")
+    return _DeepSpeedCPUAdam(params, **HYPER, adamw_mode=True)
+
 
 
 # Each group is timed on its own params; its first entry is the reference for "fusedopt speedup".
@@ -21,6 +30,7 @@ GROUPS = [
         Impl("torch for-loop", torch.float32, "fp32 p,g,m,v", 28, lambda ps: torch.optim.AdamW(ps, **HYPER, foreach=False)),
         Impl("torch foreach", torch.float32, "fp32 p,g,m,v", 28, lambda ps: torch.optim.AdamW(ps, **HYPER, foreach=True)),
         Impl("torch fused", torch.float32, "fp32 p,g,m,v", 28, lambda ps: torch.optim.AdamW(ps, **HYPER, fused=True)),
+        Impl("deepspeed CPUAdam", torch.float32, "fp32 p,g,m,v", 28, deepspeed_cpu_adam),
     ],
     [
         # g2 + master 4 (r+w) + m 4 (r+w) + v 4 (r+w) + p2 written = 28

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import fusedopt
 from fusedopt.benchmarks.common import OtherLoad, copy_bandwidth_gbs, env_stamp, write_results
-from fusedopt.benchmarks.harness import QUICK_SIZES, cases, parse_size, render, run_suite
+from fusedopt.benchmarks.harness import QUICK_SIZES, parse_size, render, run_suite, suite_cases
 from fusedopt.benchmarks.plot import plot_roofline
 
-SUITES = ("adamw", "lion", "adam8bit")
+SUITES = ("adamw", "lion", "adam8bit", "muon")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> dict:
     with OtherLoad() as copy_load:
         copy_gbs, copy_t = copy_bandwidth_gbs(args.device)
     print(f"measured bandwidth: {copy_gbs:.1f} GB/s", file=sys.stderr)
-    total = sum(len(cases(sizes[n], args.mix_scale)) * sum(len(g) for g in s.GROUPS) for n, s in suites.items())
+    total = sum(len(suite_cases(s, args.device, sizes[n], args.mix_scale)) * sum(len(g) for g in s.GROUPS)
+                for n, s in suites.items())
     progress = Progress(total)
     results = {}
     try:

@@ -2,9 +2,11 @@
 validation in a child process before timing, timing with other-process load, GB/s and % of the
 bandwidth measured in the same run, and the table.
 
-A suite module (adamw.py, lion.py, adam8bit.py beside this file) defines NAME, GROUPS (lists of
-Impl; the first of a group is the fusedopt reference its speedups are taken against), SIZES (per
-device, in M = 2**20 params) and `check(impl_name, device) -> str | None`, run before timing.
+A suite module (adamw.py, lion.py, adam8bit.py, muon.py beside this file) defines NAME, GROUPS
+(lists of Impl; the first of a group is the fusedopt reference its speedups are taken against),
+SIZES (per device, in M = 2**20 params) and `check(impl_name, device) -> str | None`, run before
+timing. It may define `cases(device, sizes, mix_scale)` (default: one tensor per size and the
+GPT-2 mix) and `flops(shapes)` (then rows report TFLOP/s).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class Impl:
     name: str
     dtype: torch.dtype  # of params and grads
     layout: str  # what each param costs in memory traffic, for the table
-    bytes_per_param: int
+    bytes_per_param: int | None  # None: not a bandwidth-bound step (Muon), no GB/s
     make: Callable[[list], torch.optim.Optimizer]  # raises Missing for an absent peer
     is_fusedopt: bool = False
 
@@ -95,7 +97,7 @@ def validate(suite_module: str, impl_name: str, device: str) -> str | None:
 
 # --- timing -------------------------------------------------------------------------------------
 def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, failures: dict, timing_kw: dict,
-               progress: Callable[[str], None]) -> list[dict]:
+               progress: Callable[[str], None], flops: float | None = None) -> list[dict]:
     numel = sum(torch.Size(s).numel() for s in shapes)
     params = [torch.randn(s, device=device, dtype=group[0].dtype) for s in shapes]
     for p in params:
@@ -103,7 +105,7 @@ def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, f
     rows = []
     for impl in group:
         row = dict(case=case, n_tensors=len(shapes), numel=numel, impl=impl.name, layout=impl.layout,
-                   bytes_per_param=impl.bytes_per_param, is_fusedopt=impl.is_fusedopt)
+                   bytes_per_param=impl.bytes_per_param, is_fusedopt=impl.is_fusedopt, flops=flops)
         progress(f"{case} | {impl.name}")
         if impl.name in failures:
             rows.append(dict(row, error=failures[impl.name]))
@@ -133,18 +135,24 @@ def add_metrics(rows: list[dict], copy_gbs: float) -> None:
             ref_ms = t.median_ms if t else None
         if t is None:
             continue
-        row["gbs"] = row["numel"] * row["bytes_per_param"] / (t.median_ms * 1e-3) / 1e9
-        row["pct_copy_bw"] = 100 * row["gbs"] / copy_gbs
+        if row["bytes_per_param"] is not None:
+            row["gbs"] = row["numel"] * row["bytes_per_param"] / (t.median_ms * 1e-3) / 1e9
+            row["pct_copy_bw"] = 100 * row["gbs"] / copy_gbs
+        if row.get("flops"):
+            row["tflops"] = row["flops"] / (t.median_ms * 1e-3) / 1e12
         if ref_ms is not None:
             row["fusedopt_speedup"] = t.median_ms / ref_ms
 
 
 def render(rows: list[dict]) -> str:
+    flops = any(r.get("flops") for r in rows)
     headers = ["case", "params", "implementation", "dtypes", "B/param", "ms/step median [p20, p80]",
-               "GB/s", "% measured BW", "fusedopt speedup", "other load (cores)", "measured BW (GB/s)"]
+               "TFLOP/s" if flops else "GB/s", "% measured BW", "fusedopt speedup", "other load (cores)",
+               "measured BW (GB/s)"]
     out = []
     for r in rows:
-        head = [r["case"], f"{r['numel'] / 1e6:.1f}M", r["impl"], r["layout"], r["bytes_per_param"]]
+        head = [r["case"], f"{r['numel'] / 1e6:.1f}M", r["impl"], r["layout"],
+                "-" if r["bytes_per_param"] is None else r["bytes_per_param"]]
         if "error" in r:
             what = r["error"] if r["error"].startswith(("missing", "failed")) else f"FAILED validation, not timed: {r['error']}"
             out.append(head + [what, "-", "-", "-", "-", "-"])
@@ -153,8 +161,8 @@ def render(rows: list[dict]) -> str:
         speedup = r.get("fusedopt_speedup")
         out.append(head + [
             f"{t.median_ms:.3f} [{t.p20_ms:.3f}, {t.p80_ms:.3f}]",
-            f"{r['gbs']:.1f}",
-            f"{r['pct_copy_bw']:.0f}%",
+            f"{r['tflops']:.3f}" if flops else f"{r['gbs']:.1f}",
+            "-" if "pct_copy_bw" not in r else f"{r['pct_copy_bw']:.0f}%",
             "-" if speedup is None else ("ref" if r["is_fusedopt"] else f"{speedup:.2f}x"),
             "-" if r["other_load_cores"] is None else f"{r['other_load_cores']:.2f}",
             f"{r['bandwidth_gbs']:.1f}",
@@ -171,6 +179,10 @@ def cases(sizes: list[int], mix_scale: int) -> list[tuple[str, list[tuple]]]:
     return [(f"1 tensor x {n}M", [(n * M,)]) for n in sizes] + [(mix_name, gpt2_shapes(mix_scale))]
 
 
+def suite_cases(suite, device: str, sizes: list[int], mix_scale: int) -> list[tuple[str, list[tuple]]]:
+    return suite.cases(device, sizes, mix_scale) if hasattr(suite, "cases") else cases(sizes, mix_scale)
+
+
 def run_suite(suite, device: str, sizes: list[int], mix_scale: int, timing_kw: dict,
               progress: Callable[[str], None]) -> dict:
     """Validate the suite's fusedopt implementations, then time every group on every case. The
@@ -182,10 +194,11 @@ def run_suite(suite, device: str, sizes: list[int], mix_scale: int, timing_kw: d
             failures[impl.name] = err
             print(f"validation FAILED for {impl.name}: {err}", file=sys.stderr)
     rows = []
-    for case, shapes in cases(sizes, mix_scale):
+    for case, shapes in suite_cases(suite, device, sizes, mix_scale):
         copy_gbs, _ = copy_bandwidth_gbs(device, target_s=min(0.5, timing_kw.get("target_s", 0.5)))
+        flops = suite.flops(shapes) if hasattr(suite, "flops") else None
         for group in suite.GROUPS:
-            group_rows = time_group(case, shapes, group, device, failures, timing_kw, progress)
+            group_rows = time_group(case, shapes, group, device, failures, timing_kw, progress, flops)
             add_metrics(group_rows, copy_gbs)
             rows += group_rows
     return dict(validation_failures=failures, rows=rows)

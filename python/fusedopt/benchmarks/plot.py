@@ -14,6 +14,9 @@ def plot_roofline(suites: dict[str, list[dict]], title: str, path: Path) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         return "no plot: matplotlib is not installed (pip install .[bench])"
+    suites = {n: rows for n, rows in suites.items() if any("gbs" in r for r in rows)}  # Muon: TFLOP/s, no roofline
+    if not suites:
+        return "no plot: no bandwidth-bound rows"
     fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4.5), squeeze=False)
     for ax, (name, rows) in zip(axes[0], suites.items()):
         single = [r for r in rows if r["n_tensors"] == 1 and "gbs" in r]

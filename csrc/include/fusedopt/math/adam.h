@@ -60,22 +60,33 @@ FUSEDOPT_HD AdamScalars adam_scalars(const AdamConfig& c, double lr, double step
   return s;
 }
 
+// How a flag of AdamScalars reaches the element loop: read at run time (kRuntime: both paths are
+// computed and one is selected, a select of values vectorizes where a branch does not), or fixed
+// at compile time by a caller that dispatched on it once per launch (the CPU loop, where the
+// selected-away arithmetic costs time whenever the tensors sit in cache).
+enum class Known : int { kRuntime, kNo, kYes };
+
 // torch's lerp: self + w * (end - self) for w < 0.5, else end - (end - self) * (1 - w).
-// Both sides are computed and one is selected: a select of values vectorizes, a branch does not.
+// kFromSelf: whether w < 0.5.
+template <Known kFromSelf = Known::kRuntime>
 FUSEDOPT_HD float lerp(float self, float end, float w) {
   const float from_self = self + w * (end - self);
   const float from_end = end - (end - self) * (1.0f - w);
+  if constexpr (kFromSelf == Known::kYes) return from_self;
+  if constexpr (kFromSelf == Known::kNo) return from_end;
   return w < 0.5f ? from_self : from_end;
 }
 
-template <bool kAmsgrad>
+// kL2: whether s.l2 != 0; kLerpFromSelf: whether s.lerp_w < 0.5 (see Known).
+template <bool kAmsgrad, Known kL2 = Known::kRuntime, Known kLerpFromSelf = Known::kRuntime>
 FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
   g = g * s.grad_mul;
   // Selected, not added unconditionally: 0 * inf is NaN, and torch skips the term when wd == 0.
   const float g_l2 = g + s.l2 * p;
-  g = s.l2 != 0.0f ? g_l2 : g;
+  if constexpr (kL2 == Known::kRuntime) g = s.l2 != 0.0f ? g_l2 : g;
+  if constexpr (kL2 == Known::kYes) g = g_l2;
   p = p * s.decay;
-  m = lerp(m, g, s.lerp_w);
+  m = lerp<kLerpFromSelf>(m, g, s.lerp_w);
   v = v * s.beta2;
   v = v + s.one_minus_beta2 * g * g;
   float second = v;
