@@ -125,6 +125,54 @@ void lion8bit_step_py(int device, std::vector<uintptr_t> params, std::vector<uin
   lion8bit_step(Device(device), L);
 }
 
+void check_device(int device, const char* who) {
+  if (device != int(Device::kCPU) && device != int(Device::kCUDA)) {
+    throw std::invalid_argument(std::string(who) + ": device code must be 0 (cpu) or 1 (cuda)");
+  }
+}
+
+void muon_prepare_py(int device, std::vector<uintptr_t> grads, std::vector<uintptr_t> buffers,
+                     std::vector<uintptr_t> outs, std::vector<int64_t> numels, int buffer_dtype, int grad_dtype,
+                     double momentum, bool nesterov, double eps, double safety, uintptr_t partials,
+                     uintptr_t grad_scale_ptr, uintptr_t found_inf_ptr, uintptr_t stream, int num_threads) {
+  check_device(device, "fusedopt.muon_prepare");
+  MuonPrepareLaunch L;
+  L.lists.ptrs[kGrad] = std::move(grads);
+  L.lists.ptrs[kMuonBuffer] = std::move(buffers);
+  L.lists.ptrs[kMuonOut] = std::move(outs);
+  L.lists.numels = std::move(numels);
+  L.dtypes = {DType(buffer_dtype), DType(grad_dtype), DType(buffer_dtype)};
+  L.momentum = momentum;
+  L.nesterov = nesterov;
+  L.eps = eps;
+  L.safety = safety;
+  L.partials = partials;
+  L.device_ptrs = {0, grad_scale_ptr, found_inf_ptr};
+  L.stream = stream;
+  L.num_threads = num_threads;
+  py::gil_scoped_release release;
+  muon_prepare(Device(device), L);
+}
+
+void muon_apply_py(int device, std::vector<uintptr_t> params, std::vector<uintptr_t> outs,
+                   std::vector<int64_t> numels, int param_dtype, double lr, double weight_decay, double lr_factor,
+                   uintptr_t lr_ptr, uintptr_t found_inf_ptr, uintptr_t stream, int num_threads) {
+  check_device(device, "fusedopt.muon_apply");
+  MuonApplyLaunch L;
+  L.lists.ptrs[kParam] = std::move(params);
+  L.lists.ptrs[kMuonOut] = std::move(outs);
+  L.lists.numels = std::move(numels);
+  L.dtypes = {DType(param_dtype), DType(param_dtype), DType(param_dtype)};
+  L.lr = lr;
+  L.weight_decay = weight_decay;
+  L.lr_factor = lr_factor;
+  L.device_ptrs = {lr_ptr, 0, found_inf_ptr};
+  L.stream = stream;
+  L.num_threads = num_threads;
+  py::gil_scoped_release release;
+  muon_apply(Device(device), L);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -154,6 +202,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("signed_map"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
         py::arg("maximize"), py::arg("lr_ptr"), py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"),
         py::arg("stream"), py::arg("num_threads"));
+  m.def("muon_prepare", &muon_prepare_py,
+        "Muon momentum step fused with the per-matrix norm and the bf16 cast of the Newton-Schulz input",
+        py::arg("device"), py::arg("grads"), py::arg("buffers"), py::arg("outs"), py::arg("numels"),
+        py::arg("buffer_dtype"), py::arg("grad_dtype"), py::arg("momentum"), py::arg("nesterov"), py::arg("eps"),
+        py::arg("safety"), py::arg("partials"), py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"),
+        py::arg("stream"), py::arg("num_threads"));
+  m.def("muon_apply", &muon_apply_py, "Muon update p = p (1 - lr wd) - lr lr_factor O over same-shape matrices",
+        py::arg("device"), py::arg("params"), py::arg("outs"), py::arg("numels"), py::arg("param_dtype"),
+        py::arg("lr"), py::arg("weight_decay"), py::arg("lr_factor"), py::arg("lr_ptr"), py::arg("found_inf_ptr"),
+        py::arg("stream"), py::arg("num_threads"));
+  m.def("chunk_size", []() { return int64_t(1) << 14; }, "Elements per work item / CUDA chunk (sizes workspaces)");
   m.def("quant_map_bytes", []() { return int(sizeof(math::QuantMap)); },
         "Size of the buffer build_quant_map fills (a math::QuantMap)");
   m.def("build_quant_map", &build_quant_map, "256 sorted fp32 values -> a math::QuantMap (map + search table)",

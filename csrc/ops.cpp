@@ -95,6 +95,33 @@ void lion8bit_step(Device device, const Lion8bitLaunch& launch) {
   }
 }
 
+void muon_prepare(Device device, const MuonPrepareLaunch& launch) {
+  const size_t n = launch.lists.size();
+  for (int slot : {int(kGrad), int(kMuonBuffer), int(kMuonOut)}) {
+    if (launch.lists.ptrs[slot].size() != n) throw std::invalid_argument("fusedopt.muon_prepare: list lengths differ");
+  }
+  if (n == 0) return;
+  if (device == Device::kCPU) {
+    muon_prepare_cpu(launch);
+  } else {
+    if (launch.partials == 0) throw std::invalid_argument("fusedopt.muon_prepare: CUDA needs a partials workspace");
+    muon_prepare_cuda(launch);
+  }
+}
+
+void muon_apply(Device device, const MuonApplyLaunch& launch) {
+  const size_t n = launch.lists.size();
+  for (int slot : {int(kParam), int(kMuonOut)}) {
+    if (launch.lists.ptrs[slot].size() != n) throw std::invalid_argument("fusedopt.muon_apply: list lengths differ");
+  }
+  if (n == 0) return;
+  if (device == Device::kCPU) {
+    muon_apply_cpu(launch);
+  } else {
+    muon_apply_cuda(launch);
+  }
+}
+
 #ifndef FUSEDOPT_WITH_CUDA
 [[noreturn]] static void no_cuda() {
   throw std::runtime_error(
@@ -105,6 +132,8 @@ void adam_step_cuda(const AdamLaunch&) { no_cuda(); }
 void lion_step_cuda(const LionLaunch&) { no_cuda(); }
 void adam8bit_step_cuda(const Adam8bitLaunch&) { no_cuda(); }
 void lion8bit_step_cuda(const Lion8bitLaunch&) { no_cuda(); }
+void muon_prepare_cuda(const MuonPrepareLaunch&) { no_cuda(); }
+void muon_apply_cuda(const MuonApplyLaunch&) { no_cuda(); }
 bool cuda_compiled() { return false; }
 const char* cuda_archs() { return ""; }
 int cuda_runtime_version() { return 0; }

@@ -78,6 +78,41 @@ void lion8bit_step(Device device, const Lion8bitLaunch& launch);
 void lion8bit_step_cpu(const Lion8bitLaunch& launch);
 void lion8bit_step_cuda(const Lion8bitLaunch& launch);
 
+// Muon's elementwise parts (math/muon.h), over same-shape matrices. Prepare: kGrad, kMuonBuffer
+// (the momentum buffer, dtypes.state = the param's dtype) and kMuonOut (bf16, the Newton-Schulz
+// input, one contiguous matrix per tensor). Apply: kParam and kMuonOut (the NS output), one
+// lr_factor for all (same shape). Neither keeps a step counter.
+struct MuonPrepareLaunch {
+  TensorLists lists;
+  DTypes dtypes;
+  double momentum;
+  bool nesterov;
+  double eps;
+  double safety;
+  uintptr_t partials = 0;  // CUDA: double[ceil(numel / 16384) summed over tensors], device memory
+  DevicePtrs device_ptrs;
+  uintptr_t stream = 0;
+  int num_threads = 1;
+};
+
+struct MuonApplyLaunch {
+  TensorLists lists;
+  DTypes dtypes;
+  double lr;
+  double weight_decay;
+  double lr_factor;
+  DevicePtrs device_ptrs;
+  uintptr_t stream = 0;
+  int num_threads = 1;
+};
+
+void muon_prepare(Device device, const MuonPrepareLaunch& launch);
+void muon_prepare_cpu(const MuonPrepareLaunch& launch);
+void muon_prepare_cuda(const MuonPrepareLaunch& launch);
+void muon_apply(Device device, const MuonApplyLaunch& launch);
+void muon_apply_cpu(const MuonApplyLaunch& launch);
+void muon_apply_cuda(const MuonApplyLaunch& launch);
+
 // Fills the math::QuantMap at `out` (sizeof(math::QuantMap) bytes, host) from 256 sorted floats;
 // throws when the map is too dense for the table-guided search to be exact.
 void build_quant_map(uintptr_t values, uintptr_t out);

@@ -69,3 +69,24 @@ def test_bad_isa_name_is_refused():
     with pytest.raises(ValueError, match="avx3"):
         lib().set_cpu_isa_limit("avx3")
     assert fusedopt.backends()["cpu_isa"] in ("baseline", "avx2", "avx512")
+
+
+def test_muon_elementwise_passes_give_the_same_bits_on_every_instruction_set(isa):
+    """Muon's native momentum/normalize/cast and update passes (math/muon.h); the lerps use fmaf,
+    a libm call on the baseline tier and an instruction on the others: the same bits."""
+    results = {}
+    for tier in _tiers():
+        isa(tier)
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(64, 96), (64, 96), (130, 40)]]
+        opt = fusedopt.Muon(ps, lr=0.02, weight_decay=0.1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        results[tier] = (ps, opt)
+    ref_ps, ref_opt = results["baseline"]
+    for tier, (ps, opt) in results.items():
+        for p, q in zip(ps, ref_ps):
+            assert torch.equal(p, q), tier
+            assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]), tier

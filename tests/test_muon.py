@@ -339,3 +339,27 @@ def test_polar_express_option_steps():
     p.grad = torch.randn(16, 32)
     fusedopt.Muon([p], lr=0.1, ns_schedule="polar_express").step()
     assert torch.isfinite(p).all() and p.abs().sum() > 0
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_native_passes_match_the_torch_ops_path(nesterov):
+    """A contiguous conv weight takes the native passes (math/muon.h), the same weight as
+    channels_last the torch-ops path: the same update but for the norm's rounding (double sum vs
+    torch's fp32 norm of x / max|x|), which moves the bf16 Newton-Schulz input by an ulp here and
+    there; 5 steps stay within 1% of the distance travelled (measured: 0.11% with nesterov, 2.5e-8
+    without)."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(32, 16, 3, 3, generator=g)
+    a = w0.clone().requires_grad_()
+    b = w0.clone().to(memory_format=torch.channels_last).requires_grad_()
+    oa = fusedopt.Muon([a], lr=0.02, weight_decay=0.1, nesterov=nesterov)
+    ob = fusedopt.Muon([b], lr=0.02, weight_decay=0.1, nesterov=nesterov)
+    for _ in range(5):
+        grad = torch.randn(w0.shape, generator=g)
+        a.grad = grad.clone()
+        b.grad = grad.clone().to(memory_format=torch.channels_last)
+        oa.step()
+        ob.step()
+    travelled = (a.detach() - w0).norm()
+    assert (a.detach() - b.detach()).norm() <= 0.01 * travelled
+    assert torch.allclose(oa.state[a]["momentum_buffer"], ob.state[b]["momentum_buffer"], rtol=1e-6, atol=1e-7)

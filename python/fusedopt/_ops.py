@@ -149,3 +149,34 @@ def lion8bit_step_(
         signed_map.data_ptr(), L.lr, float(beta1), float(beta2), float(weight_decay), bool(maximize),
         L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr, L.stream, L.num_threads,
     )
+
+
+def muon_prepare_(grads, buffers, outs, *, momentum, nesterov, eps, safety, grad_scale=None, found_inf=None) -> None:
+    """Muon's momentum step on same-shape matrices, fused with the normalization and bf16 cast of
+    the Newton-Schulz input: outs[i] (bf16, contiguous, numel of grads[i]) = u_i / max(||u_i|| *
+    safety, eps, tiny), buffers updated in place (csrc/include/fusedopt/math/muon.h)."""
+    device = buffers[0].device
+    L = _Launch(device, 0.0, grad_scale, found_inf)
+    numels = [b.numel() for b in buffers]
+    partials = None
+    if device.type == "cuda":  # one double per chunk, in the caller's stream's allocator pool
+        chunk = lib().chunk_size()
+        partials = torch.empty(sum((n + chunk - 1) // chunk for n in numels), dtype=torch.float64, device=device)
+    L.run(
+        lib().muon_prepare,
+        L.device_code, _ptrs(grads), _ptrs(buffers), _ptrs(outs), numels,
+        DTYPE_CODES[buffers[0].dtype], DTYPE_CODES[grads[0].dtype], float(momentum), bool(nesterov), float(eps),
+        float(safety), 0 if partials is None else partials.data_ptr(), L.grad_scale_ptr, L.found_inf_ptr,
+        L.stream, L.num_threads,
+    )
+
+
+def muon_apply_(params, outs, *, lr, weight_decay, lr_factor, found_inf=None) -> None:
+    """p = p * (1 - lr * weight_decay) - lr * lr_factor * O for same-shape matrices; outs: the
+    bf16 Newton-Schulz outputs, contiguous, laid out as the (contiguous) params."""
+    L = _Launch(params[0].device, lr, None, found_inf)
+    L.run(
+        lib().muon_apply,
+        L.device_code, _ptrs(params), _ptrs(outs), [p.numel() for p in params], DTYPE_CODES[params[0].dtype],
+        L.lr, float(weight_decay), float(lr_factor), L.lr_ptr, L.found_inf_ptr, L.stream, L.num_threads,
+    )

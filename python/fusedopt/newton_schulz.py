@@ -3,8 +3,9 @@
     O = zeropower(G)   # G: [..., m, n]  ->  O ~= U S' V^T  with  G = U S V^T,  S' in ~[0.7, 1.2]
 
 Same-shape matrices are stacked and run through one bmm/baddbmm chain (``orthogonalize``), not
-one matmul chain per parameter. This is the Python reference for the hand-written CUDA kernels
-that come later; nothing here is fused yet.
+one matmul chain per parameter. fusedopt.Muon feeds ``iterate`` from a fused kernel that does the
+momentum, the normalization and the bf16 cast in two passes (csrc/include/fusedopt/math/muon.h);
+``zeropower`` is the same chain from any input, in torch ops.
 
 Numerics (each choice is a fix for a failure seen in other implementations):
 - Normalization is done in fp32, per matrix, before the cast to the iteration dtype. The input is
@@ -83,14 +84,18 @@ def zeropower(
     """Orthogonalize every matrix of g ([..., m, n]); returns a new tensor of ``dtype``, g's shape."""
     if g.ndim < 2:
         raise ValueError(f"zeropower needs a matrix or a batch of matrices, got shape {tuple(g.shape)}")
-    sched = schedule_of(coefficients, steps)
-    x = normalize(g, eps, safety).to(dtype)
+    return iterate(normalize(g, eps, safety).to(dtype), schedule_of(coefficients, steps))
+
+
+def iterate(x: torch.Tensor, schedule: Sequence[Triple]) -> torch.Tensor:
+    """The Newton-Schulz iterations on already normalized matrices x ([..., m, n], in the dtype
+    they run in): one (a, b, c) per iteration. Returns a new tensor; x is not written."""
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the short side: X X^T is min(m, n)^2
         x = x.mT
     shape = x.shape
     x = x.reshape(-1, shape[-2], shape[-1])
-    for a, b, c in sched:
+    for a, b, c in schedule:
         gram = torch.bmm(x, x.mT)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
         x = torch.baddbmm(x, poly, x, beta=a)  # a*X + B@X

@@ -15,6 +15,8 @@ enum AdamSlot : int { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMast
 // then hold uint8 codes).
 enum Adam8bitSlot : int { kExpAvgAbsmax = kAdamSlots, kExpAvgSqAbsmax, kAdam8bitSlots };
 constexpr int kMaxSlots = kAdam8bitSlots;
+// Muon's elementwise launches: the momentum buffer, and the Newton-Schulz input/output (bf16).
+enum MuonSlot : int { kMuonBuffer = kExpAvg, kMuonOut = kExpAvgSq };
 // Moment j of a blockwise 8-bit optimizer (Adam: exp_avg, exp_avg_sq; Lion: exp_avg) keeps its
 // codes in slot moment_code_slot(j) and its per-block absmax in moment_absmax_slot(j).
 FUSEDOPT_HD constexpr int moment_code_slot(int j) { return j == 0 ? kExpAvg : kExpAvgSq; }

@@ -1,8 +1,8 @@
 """Muon (momentum + Newton-Schulz orthogonalization) and MuonWithAdamW, the param router.
 
-First slice of issue #5, in torch ops: the momentum lerp, weight decay and update run as torch
-elementwise ops and the orthogonalization as batched bmm/baddbmm (fusedopt.newton_schulz).
-Hand-written CUDA kernels for the elementwise parts and the NS chain come in a later session.
+The elementwise parts run in native passes shared by CPU and CUDA (math/muon.h: the momentum
+step fused with the norm and bf16 cast of the Newton-Schulz input, and the update with decoupled
+weight decay); the orthogonalization is batched bmm/baddbmm (fusedopt.newton_schulz).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from fusedopt import newton_schulz as ns
+from fusedopt._ops import muon_apply_, muon_prepare_
 from fusedopt.optim.adam import AdamW
 from fusedopt.optim.base import FusedOptimizer, as_float
 
@@ -52,10 +53,11 @@ class Muon(FusedOptimizer):
       min(t, len - 1); ``ns_coefficients`` is then unused.
     - ``1 <= ns_steps < 100`` and ``0 <= momentum < 1`` are enforced.
 
-    Not fused yet: torch ops per param plus one batched NS per shape (CUDA kernels for the
-    elementwise parts come later). Under GradScaler the grads are unscaled by the scaler itself
-    (``.grad`` is written), not in a kernel, and a tensor ``lr`` is read with ``.item()`` each
-    step (a host sync on CUDA).
+    Per group and matrix shape, one native pass pair does the momentum step, the fp32 norm and the
+    bf16 cast of every matrix's Newton-Schulz input, one batched NS runs, and one native pass
+    applies the update (a CUDA tensor ``lr`` is read in that kernel: no host sync). Params that are
+    not contiguous (a channels_last conv weight) take the same steps in torch ops. Under GradScaler
+    the grads are unscaled by the scaler itself (``.grad`` is written), not in a kernel.
     """
 
     _elementwise_state_keys = ("momentum_buffer",)
@@ -147,14 +149,41 @@ class Muon(FusedOptimizer):
 
     # --- step ------------------------------------------------------------------------------
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
-        lr, wd, mom = as_float(group["lr"]), group["weight_decay"], group["momentum"]
         sched, safety = self._schedule(group)
-        updates = []
+        fused: dict[tuple, list] = defaultdict(list)
+        rest = []
         for p, g in pairs:
             state = self.state[p]
             if len(state) == 0:
                 state.update(self._init_state(p, group))
             buf = state["momentum_buffer"]
+            if p.numel() and p.is_contiguous() and buf.is_contiguous() and g.is_contiguous():
+                fused[(p.device, p.dtype, g.dtype, p.shape[0], p.numel() // p.shape[0])].append((p, g, buf))
+            else:  # e.g. a channels_last conv weight: its memory order is not the flattened matrix's
+                rest.append((p, g))
+        for (device, _, _, rows, cols), items in fused.items():
+            self._step_fused(group, items, rows, cols, sched, safety)
+        if rest:
+            self._step_torch(group, rest, sched, safety)
+
+    def _step_fused(self, group: dict, items: list, rows: int, cols: int, sched, safety: float) -> None:
+        """Same-shape contiguous matrices: the momentum, norm and bf16 cast in one native pass pair
+        (csrc/include/fusedopt/math/muon.h), one batched Newton-Schulz, one native update pass."""
+        params, grads, bufs = zip(*items)
+        x = torch.empty((len(items), rows, cols), dtype=torch.bfloat16, device=params[0].device)
+        muon_prepare_(grads, bufs, list(x.unbind(0)), momentum=group["momentum"], nesterov=group["nesterov"],
+                      eps=group["eps"], safety=safety)
+        o = ns.iterate(x, sched)
+        o = o if o.is_contiguous() else o.contiguous()  # tall matrices come back transposed
+        muon_apply_(params, list(o.unbind(0)), lr=group["lr"], weight_decay=group["weight_decay"],
+                    lr_factor=lr_factor(group["adjust_lr_fn"], rows, cols))
+
+    def _step_torch(self, group: dict, pairs, sched, safety: float) -> None:
+        """The same update in torch ops, for params the native passes do not take."""
+        lr, wd, mom = as_float(group["lr"]), group["weight_decay"], group["momentum"]
+        updates = []
+        for p, g in pairs:
+            buf = self.state[p]["momentum_buffer"]
             g = g.to(buf.dtype)  # fp32 grad of a bf16 param; a no-op (same tensor) otherwise: g is only read
             buf.lerp_(g, 1 - mom)
             u = g.lerp(buf, mom) if group["nesterov"] else buf  # u may be the buffer itself: NS only reads it

@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "fusedopt/macros.h"
+#include "fusedopt/math/lerp.h"
 
 namespace fusedopt {
 namespace math {
@@ -58,23 +59,6 @@ FUSEDOPT_HD AdamScalars adam_scalars(const AdamConfig& c, double lr, double step
   s.inv_bc2_sqrt = float(1.0 / sqrt(1.0 - pow(c.beta2, step)));
   s.eps = float(c.eps);
   return s;
-}
-
-// How a flag of AdamScalars reaches the element loop: read at run time (kRuntime: both paths are
-// computed and one is selected, a select of values vectorizes where a branch does not), or fixed
-// at compile time by a caller that dispatched on it once per launch (the CPU loop, where the
-// selected-away arithmetic costs time whenever the tensors sit in cache).
-enum class Known : int { kRuntime, kNo, kYes };
-
-// torch's lerp: self + w * (end - self) for w < 0.5, else end - (end - self) * (1 - w).
-// kFromSelf: whether w < 0.5.
-template <Known kFromSelf = Known::kRuntime>
-FUSEDOPT_HD float lerp(float self, float end, float w) {
-  const float from_self = self + w * (end - self);
-  const float from_end = end - (end - self) * (1.0f - w);
-  if constexpr (kFromSelf == Known::kYes) return from_self;
-  if constexpr (kFromSelf == Known::kNo) return from_end;
-  return w < 0.5f ? from_self : from_end;
 }
 
 // kL2: whether s.l2 != 0; kLerpFromSelf: whether s.lerp_w < 0.5 (see Known).
