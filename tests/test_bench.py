@@ -54,22 +54,24 @@ NCU_CSV = '''==PROF== Connected to process 1234
 "1","1234","python","h","void fusedopt::cuda::(anonymous namespace)::adam_kernel<float, float, float, false, false>(fusedopt::cuda::TensorListMeta<6>, AdamArgs)","1","7","(512, 1, 1)","(264, 1, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","93.5"
 "1","1234","python","h","void fusedopt::cuda::(anonymous namespace)::adam_kernel<float, float, float, false, false>(fusedopt::cuda::TensorListMeta<6>, AdamArgs)","1","7","(512, 1, 1)","(264, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","1,200.00"
 "2","1234","python","h","void fusedopt::cuda::increment_steps_kernel<0>(fusedopt::cuda::StepList, const float *)","1","7","(128, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","2.50"
+"2","1234","python","h","void fusedopt::cuda::increment_steps_kernel<0>(fusedopt::cuda::StepList, const float *)","1","7","(128, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","n/a"
 '''
 
 
 def test_ncu_report_is_summarized_per_kernel(tmp_path):
     kernels = ncu.parse(NCU_CSV)
-    assert set(kernels) == {"adam_kernel", "increment_steps_kernel"}
-    adam = kernels["adam_kernel"]
+    adam_name = "adam_kernel<float, float, float, false, false>"
+    assert set(kernels) == {adam_name, "increment_steps_kernel<0>"}
+    adam = kernels[adam_name]
     assert adam["launches"] == 2
     assert adam["median_us"] == pytest.approx(1150.0)  # 1.10 ms and 1,200 us
     assert adam["median_dram_pct"] == pytest.approx(92.5)
     assert adam["median_dram_mb"] == pytest.approx(1880.0)
-    assert kernels["increment_steps_kernel"]["median_dram_pct"] is None
+    assert kernels["increment_steps_kernel<0>"]["median_dram_pct"] is None
     results = tmp_path / "adamw_cuda.md"
     results.write_text("# adamw_cuda\n")
     (tmp_path / "r.csv").write_text(NCU_CSV)
     ncu.main([str(tmp_path / "r.csv"), str(results)])
     text = results.read_text()
-    assert "## Nsight Compute" in text and "| adam_kernel | 2 | 1150.0 | 92.5 | 1880.0 |" in text
-    assert json.loads((tmp_path / "adamw_cuda.ncu.json").read_text())["kernels"]["adam_kernel"]["launches"] == 2
+    assert "## Nsight Compute" in text and f"| {adam_name} | 2 | 1150.0 | 92.5 | 1880.0 |" in text
+    assert json.loads((tmp_path / "adamw_cuda.ncu.json").read_text())["kernels"][adam_name]["launches"] == 2

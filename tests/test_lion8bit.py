@@ -20,14 +20,13 @@ def _momentum(state):
 def test_each_step_matches_the_torch_reference():
     """Both sides start every step from the same params, codes and absmax. The dequantized m, c =
     b1 m + (1 - b1) g and the new m are the same fp32 operations on both (the CPU code does not
-    contract to FMA), so params, absmax and codes agree exactly; a code may still move by one where
-    torch rounds a scalar product differently, so that is allowed for 0.1% of the codes."""
+    contract to FMA, nor do torch's elementwise mul/add), so params, absmax and codes agree
+    exactly (measured: 0 of 2.2M codes differ)."""
     sizes = [1, 255, 257, 4096, 70001]
     ps = [torch.randn(n).requires_grad_() for n in sizes]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     opt = fusedopt.Lion8bit(ps, min_8bit_size=0, **kw)
     ref = ReferenceLion8bit([p.detach().clone() for p in ps], SMAP, **kw)
-    flips = total = 0
     for _ in range(30):
         for i, p in enumerate(ps):
             ref.params[i].copy_(p.detach())
@@ -42,11 +41,7 @@ def test_each_step_matches_the_torch_reference():
             s = opt.state[p]
             torch.testing.assert_close(p.detach(), ref.params[i], rtol=0, atol=0)
             torch.testing.assert_close(s["exp_avg_absmax"], ref.am[i], rtol=0, atol=0)
-            diff = (s["exp_avg"].long() - ref.cm[i]).abs()
-            assert diff.max().item() <= 1
-            flips += int((diff != 0).sum())
-            total += diff.numel()
-    assert flips <= 1e-3 * total
+            assert torch.equal(s["exp_avg"].long(), ref.cm[i])
 
 
 # --- against fp32 Lion ------------------------------------------------------------------------

@@ -7,7 +7,6 @@ identical on every rank, as after DDP's all-reduce), train a sharded and an unsh
 side by side, and save what the parent asserts on."""
 import contextlib
 import copy
-import math
 import multiprocessing as mp
 import os
 import socket
@@ -15,6 +14,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import fusedopt
 
@@ -79,8 +79,9 @@ def _job_case(rank, world, out_dir, name):
     m_ref, m = _model(dtype), _model(dtype)
     ref = cls(_groups(m_ref), **kw)
     opt = fusedopt.ZeroShardedOptimizer(_groups(m), cls, **kw)
-    hooks = []
+    hooks, global_hooks = [], []
     opt.register_step_post_hook(lambda *_: hooks.append(1))
+    handle = register_optimizer_step_post_hook(lambda o, *_: global_hooks.append(type(o).__name__))
     sched_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     equal_each_step = True
@@ -90,10 +91,12 @@ def _job_case(rank, world, out_dir, name):
         sched_ref.step()
         sched.step()
         equal_each_step &= all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters()))
+    handle.remove()
     opt.consolidate_state_dict(to=0)
     report = fusedopt.memory_report(opt)
     return dict(
-        equal_each_step=equal_each_step, hooks=len(hooks), lr=[g["lr"] for g in opt.param_groups],
+        equal_each_step=equal_each_step, hooks=len(hooks), global_hooks=sorted(global_hooks),
+        lr=[g["lr"] for g in opt.param_groups],
         inner_groups=len(opt.inner.param_groups),
         ref_lr=[g["lr"] for g in ref.param_groups],
         consolidated=opt.state_dict() if rank == 0 else None, reference=ref.state_dict(),
@@ -141,6 +144,94 @@ def _job_resume(rank, world, out_dir, name, saved_world):
     return dict(equal=all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters())))
 
 
+def _odd_params():
+    """A channels_last conv weight (8-bit, blocks in memory order), an empty param and a bias in
+    one fp32 group; bf16 params whose grads are fp32 (master weights) in another."""
+    torch.manual_seed(1)
+    conv = torch.randn(64, 16, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    empty = torch.zeros(0, 5, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    w = torch.randn(64, 70).to(torch.bfloat16).requires_grad_()
+    v = torch.randn(5000).to(torch.bfloat16).requires_grad_()
+    for t in (w, v):
+        t.grad_dtype = torch.float32
+    return [{"params": [conv, empty, bias]}, {"params": [w, v], "weight_decay": 0.0}]
+
+
+def _odd_grads(groups, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for group in groups:
+        for p in group["params"]:
+            p.grad = torch.randn(p.shape, generator=g).to(memory_format=torch.contiguous_format)
+            if p.dim() == 4:
+                p.grad = p.grad.to(memory_format=torch.channels_last)
+
+
+def _job_odd(rank, world, out_dir):
+    ref_groups, groups = _odd_params(), _odd_params()
+    kw = dict(lr=1e-2, weight_decay=0.1, master_weights=True)
+    ref, opt = fusedopt.AdamW8bit(ref_groups, **kw), fusedopt.ZeroShardedOptimizer(groups, fusedopt.AdamW8bit, **kw)
+    for step in range(4):
+        _odd_grads(ref_groups, step)
+        _odd_grads(groups, step)
+        ref.step()
+        opt.step()
+    opt.consolidate_state_dict()
+    flat = lambda gs: [p for g in gs for p in g["params"]]  # noqa: E731
+    return dict(equal=all(torch.equal(a, b) for a, b in zip(flat(ref_groups), flat(groups))),
+                consolidated=opt.state_dict() if rank == 0 else None, reference=ref.state_dict())
+
+
+def _job_load(rank, world, out_dir):
+    """An unsharded torch.optim.AdamW checkpoint loads into the sharded optimizer (which then goes
+    on as fusedopt.AdamW loading it does); one of the wrong shape is refused on every rank."""
+    m0 = _model()
+    torch_opt = torch.optim.AdamW(_groups(m0), lr=1e-2)
+    _train(m0, torch_opt, 3, seed=2)
+    sd = torch_opt.state_dict()
+    m_ref, m = _model(), _model()
+    m_ref.load_state_dict(m0.state_dict())
+    m.load_state_dict(m0.state_dict())
+    ref = fusedopt.AdamW(_groups(m_ref), lr=1.0)
+    ref.load_state_dict(copy.deepcopy(sd))
+    opt = fusedopt.ZeroShardedOptimizer(_groups(m), fusedopt.AdamW, lr=1.0)
+    opt.load_state_dict(copy.deepcopy(sd))
+    _train(m_ref, ref, 3, seed=3)
+    _train(m, opt, 3, seed=3)
+    try:
+        p = next(m.parameters())
+        fusedopt.ZeroShardedOptimizer([p, p], fusedopt.AdamW)
+        duplicate = None
+    except ValueError as e:
+        duplicate = str(e)
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["exp_avg"] = torch.zeros(7, 7)
+    try:
+        opt.load_state_dict(bad)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    return dict(equal=all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters())),
+                lr=opt.param_groups[0]["lr"], refused=refused, duplicate=duplicate)
+
+
+def _job_subgroups(rank, world, out_dir):
+    """Two independent ZeRO groups of 2 ranks each inside a world of 4."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pg = groups[rank // 2]
+    m_ref, m = _model(), _model()
+    ref = fusedopt.AdamW(_groups(m_ref), lr=1e-2)
+    opt = fusedopt.ZeroShardedOptimizer(_groups(m), fusedopt.AdamW, lr=1e-2, process_group=pg)
+    _train(m_ref, ref, 3, seed=rank // 2)
+    _train(m, opt, 3, seed=rank // 2)
+    opt.consolidate_state_dict(to=1)
+    full = opt.state_dict() if rank % 2 == 1 else None
+    same_state = full is None or all(torch.equal(full["state"][i][k], v) for i, st in ref.state_dict()["state"].items()
+                                     for k, v in st.items())
+    return dict(equal=all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters())),
+                world=opt.world_size, rank=opt.rank, same_state=same_state, has_full=full is not None)
+
+
 def _free_port():
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
@@ -162,7 +253,7 @@ def _run(world, jobs, out_dir):
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"zero{request.param}")
-    jobs = [f"case:{name}" for name in CASES] + ["scaler"]
+    jobs = [f"case:{name}" for name in CASES] + ["scaler", "odd", "load"]
     return request.param, _run(request.param, jobs, out)
 
 
@@ -173,6 +264,8 @@ def test_trajectory_is_bitwise_the_unsharded_one(runs, name):
         res = r[f"case:{name}"]
         assert res["equal_each_step"]
         assert res["hooks"] == STEPS  # the step post-hook fires once per step
+        # global hooks too: once for the reference, once for the sharded one (not for its inner optimizer)
+        assert res["global_hooks"] == sorted([CASES[name][0].__name__, "ZeroShardedOptimizer"] * STEPS)
         assert res["lr"] == res["ref_lr"]  # StepLR drives the sharded optimizer as the unsharded one
         assert res["inner_groups"] == 2
 
@@ -216,12 +309,43 @@ def test_grad_scaler_skip_is_the_same_on_every_rank(runs):
 
 
 def test_consolidated_adamw_checkpoint_loads_into_torch_adamw(runs):
+    """torch.optim.AdamW takes the consolidated checkpoint as its own: the state it holds after
+    loading is the unsharded fusedopt.AdamW's, bit for bit, and it steps on from there."""
     _, results = runs
-    full = results[0]["case:adamw"]["consolidated"]
+    full, ref = results[0]["case:adamw"]["consolidated"], results[0]["case:adamw"]["reference"]
     m = _model()
     opt = torch.optim.AdamW(_groups(m), lr=1e-2, betas=(0.9, 0.95))
     opt.load_state_dict(copy.deepcopy(full))
-    _train(m, opt, 1, seed=0)  # and it trains on
+    loaded = opt.state_dict()["state"]
+    assert all(torch.equal(loaded[i][k], v) for i, st in ref["state"].items() for k, v in st.items())
+    _train(m, opt, 1, seed=0)
+
+
+def test_channels_last_empty_and_fp32_grads_of_bf16_params(runs):
+    world, results = runs
+    for r in results:
+        assert r["odd"]["equal"]
+    full, ref = results[0]["odd"]["consolidated"], results[0]["odd"]["reference"]
+    assert full["state"].keys() == ref["state"].keys()  # the empty param has its state too
+    for i, st in ref["state"].items():
+        for k, v in st.items():
+            assert torch.equal(full["state"][i][k], v) and full["state"][i][k].stride() == v.stride(), (i, k)
+
+
+def test_unsharded_checkpoint_loads_and_a_wrong_one_is_refused_everywhere(runs):
+    _, results = runs
+    for r in results:
+        assert r["load"]["equal"] and r["load"]["lr"] == 1e-2
+        assert r["load"]["refused"] is not None and "shape (7, 7)" in r["load"]["refused"]
+        assert r["load"]["duplicate"] is not None and "twice" in r["load"]["duplicate"]
+
+
+def test_process_subgroups(tmp_path):
+    results = _run(4, ["subgroups"], tmp_path)
+    for rank, r in enumerate(results):
+        res = r["subgroups"]
+        assert res["equal"] and res["world"] == 2 and res["rank"] == rank % 2
+        assert res["has_full"] == (rank % 2 == 1) and res["same_state"]
 
 
 @pytest.mark.parametrize("name", ["adamw8bit", "lion"])
@@ -235,7 +359,6 @@ def test_needs_torch_distributed_and_an_elementwise_optimizer():
     p = [torch.randn(10, requires_grad=True)]
     with pytest.raises(TypeError, match="elementwise"):
         fusedopt.ZeroShardedOptimizer(p, fusedopt.Muon)
-    if not dist.is_initialized():
-        with pytest.raises(RuntimeError, match="init_process_group"):
-            fusedopt.ZeroShardedOptimizer(p, fusedopt.AdamW)
-    assert math.isfinite(p[0].sum().item())
+    assert not dist.is_initialized()  # pytest's process never joins a group
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fusedopt.ZeroShardedOptimizer(p, fusedopt.AdamW)

@@ -17,8 +17,8 @@ static_assert(cpu::kChunkSize % kQuantBlock == 0, "a CPU work item must hold who
 void build_quant_map(uintptr_t values, uintptr_t out) {
   if (!math::build_quant_map(reinterpret_cast<const float*>(values), reinterpret_cast<math::QuantMap*>(out))) {
     throw std::invalid_argument(
-        "fusedopt.build_quant_map: the map has more than math::kSearchRefine entries in one search bucket; "
-        "raise kSearchRefine or kSearchMantissaBits in math/quant8.h");
+        "fusedopt.build_quant_map: the map holds no exact 0, is not strictly increasing, or changes code more than "
+        "math::kSearchThresholds times in one search bucket (raise kSearchThresholds or kSearchMantissaBits in math/quant8.h)");
   }
 }
 

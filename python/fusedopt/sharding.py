@@ -33,7 +33,7 @@ class Piece:
 
 def shard_layout(numels: list[int], world_size: int) -> list[list[Piece]]:
     """For each rank, the pieces it owns of params with these element counts (see module doc).
-    Ranks past the last block own nothing; a zero-element param belongs to no rank."""
+    Ranks past the last block own nothing; a zero-element param is an empty piece of rank 0."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     starts, total = [], 0  # first block of each param
@@ -43,6 +43,9 @@ def shard_layout(numels: list[int], world_size: int) -> list[list[Piece]]:
     per_rank = math.ceil(total / world_size) if total else 0
     layout: list[list[Piece]] = [[] for _ in range(world_size)]
     for i, (n, first) in enumerate(zip(numels, starts)):
+        if n == 0:  # no elements, but state (a step counter) as in the unsharded optimizer: rank 0's
+            layout[0].append(Piece(i, 0, 0))
+            continue
         blocks = math.ceil(n / BLOCK)
         b = 0
         while b < blocks:

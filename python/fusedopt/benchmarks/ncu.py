@@ -19,8 +19,11 @@ DURATION = "gpu__time_duration.sum"
 DRAM_BYTES = "dram__bytes.sum"
 
 
-def _number(text: str) -> float:
-    return float(text.replace(",", ""))
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:  # 'n/a' where ncu could not collect a metric
+        return None
 
 
 def _to_ns(value: float, unit: str) -> float:
@@ -33,9 +36,23 @@ def _to_bytes(value: float, unit: str) -> float:
 
 
 def kernel_name(demangled: str) -> str:
-    """'void fusedopt::cuda::(anonymous namespace)::adam_kernel<float, ...>(...)' -> 'adam_kernel'."""
-    name = demangled.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0].strip()
-    return name.split()[-1].rsplit("::", 1)[-1] if name else demangled
+    """'void fusedopt::cuda::(anonymous namespace)::adam_kernel<float, bf16_t, ...>(...)' ->
+    'adam_kernel<float, bf16_t, ...>': namespaces and arguments dropped, template arguments kept
+    (they tell the dtype variants, and Adam8bit's rule from Lion8bit's, apart)."""
+    name = demangled.replace("(anonymous namespace)::", "").strip()
+    if name.startswith("void "):
+        name = name[5:]
+    depth, end = 0, len(name)
+    for i, ch in enumerate(name):  # the argument list starts at the first '(' outside template brackets
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            end = i
+            break
+    name = name[:end].strip()
+    head, _, args = name.partition("<")
+    head = head.rsplit("::", 1)[-1]
+    args = args.replace("fusedopt::math::", "").replace("fusedopt::", "")
+    return f"{head}<{args}" if args else head
 
 
 def parse(csv_text: str) -> dict[str, dict]:
@@ -49,6 +66,8 @@ def parse(csv_text: str) -> dict[str, dict]:
         kernel = kernel_name(row["Kernel Name"])
         launch = per_launch.setdefault((row["ID"], kernel), {})
         metric, unit, value = row["Metric Name"], row.get("Metric Unit", ""), _number(row["Metric Value"])
+        if value is None:
+            continue
         if metric == DURATION:
             launch["ns"] = _to_ns(value, unit)
         elif metric == DRAM_PCT:

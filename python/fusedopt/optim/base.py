@@ -166,8 +166,12 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        self._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    def _fused_step(self, grad_scale, found_inf) -> None:
+        """step() without the closure and torch's hooks (the ZeRO wrapper steps its inner optimizer
+        through this, so a user's global step hooks fire once per step, not twice)."""
         # Validate every group before the first state tensor is created or the first kernel runs.
         plans = []
         for i, group in enumerate(self.param_groups):
@@ -178,7 +182,6 @@ class FusedOptimizer(Optimizer):
             for group, pairs in zip(self.param_groups, plans):
                 if pairs:
                     self._step_group(group, pairs, grad_scale, found_inf)
-        return loss
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
         raise NotImplementedError

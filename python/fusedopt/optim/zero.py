@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from fusedopt.optim.adam import Adam
 from fusedopt.optim.base import FusedOptimizer
 from fusedopt.optim.lion import Lion
-from fusedopt.quant import ADAM_8BIT_MOMENTS, LION_8BIT_MOMENTS, dequantize_state, memory_order_flat
+from fusedopt.quant import ADAM_8BIT_MOMENTS, BLOCK, LION_8BIT_MOMENTS, dequantize_state, memory_order_flat, num_blocks
 from fusedopt.sharding import Piece, join_state, piece_of, shard_layout, slice_state
 
 # Elementwise update rules (an element's update reads only that element): any flat range of a
@@ -88,6 +88,10 @@ class ZeroShardedOptimizer(Optimizer):
     # --- layout ------------------------------------------------------------------------------
     def _check_group_params(self, group: dict, index: int) -> None:
         params = group["params"]
+        known = {id(p) for g in self.param_groups[:index] for p in g["params"]}
+        if len({id(p) for p in params}) != len(params) or any(id(p) in known for p in params):
+            raise ValueError(f"{self._who}: param group {index} lists a parameter twice (or one of another "
+                             "group); pass each parameter once")
         kinds = {(p.dtype, p.device) for p in params}
         if len(kinds) > 1:
             raise ValueError(
@@ -109,6 +113,8 @@ class ZeroShardedOptimizer(Optimizer):
         for piece in layout[self.rank]:
             t = piece_of(params[piece.param].detach(), piece)
             t._fusedopt_policy_numel = params[piece.param].numel()  # 8-bit or not: the param decides
+            if hasattr(t, "grad_dtype"):
+                t.grad_dtype = None  # a piece takes its param's grad, whose dtype may differ (fp32 for bf16)
             mine.append((piece, t))
         inner_group = {**{k: v for k, v in group.items() if k != "params"}, "params": [t for _, t in mine]}
         if self._inner is None:
@@ -139,22 +145,19 @@ class ZeroShardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         inner = self._inner
-        for outer, inner_group, mine in zip(self.param_groups, inner.param_groups, self._pieces):
-            for k, v in outer.items():  # schedulers and users change the outer groups
-                if k != "params":
-                    inner_group[k] = v
-            for piece, t in mine:
-                p = outer["params"][piece.param]
-                g = p.grad
-                if g is not None and not _same_strides(g, p):
-                    g = torch.empty_like(p, dtype=g.dtype).copy_(g)  # lay it out like p; .grad untouched
-                t.grad = None if g is None else piece_of(g, piece)
-        inner.grad_scale = getattr(self, "grad_scale", None)
-        inner.found_inf = getattr(self, "found_inf", None)
         try:
-            inner.step()
+            for outer, inner_group, mine in zip(self.param_groups, inner.param_groups, self._pieces):
+                for k, v in outer.items():  # schedulers and users change the outer groups
+                    if k != "params":
+                        inner_group[k] = v
+                for piece, t in mine:
+                    p = outer["params"][piece.param]
+                    g = p.grad
+                    if g is not None and not _same_strides(g, p):
+                        g = torch.empty_like(p, dtype=g.dtype).copy_(g)  # lay it out like p; .grad untouched
+                    t.grad = None if g is None else piece_of(g, piece)
+            inner._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         finally:
-            del inner.grad_scale, inner.found_inf
             for mine in self._pieces:
                 for _, t in mine:
                     t.grad = None
@@ -212,7 +215,9 @@ class ZeroShardedOptimizer(Optimizer):
                 state = self._inner.state.get(t)
                 if state:
                     pieces.setdefault(index[g][piece.param], []).append(
-                        [piece.start, piece.end, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}]
+                        # on the CPU: rank `to` of consolidate_state_dict unpickles every rank's
+                        [piece.start, piece.end, {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor)
+                                                  else v for k, v in state.items()}]
                     )
         params = [p for g in self.param_groups for p in g["params"]]
         return {
@@ -223,14 +228,14 @@ class ZeroShardedOptimizer(Optimizer):
         }
 
     def consolidate_state_dict(self, to: int = 0) -> None:
-        """Collective (every rank calls it): gathers the full state on rank `to`, where
-        state_dict() then returns it."""
+        """Collective (every rank calls it): gathers the full state (on the CPU) on rank `to` of the
+        process group, where state_dict() then returns it."""
         local = self.local_state_dict()
         if self.world_size == 1:
             gathered = [local]
         else:
             gathered = [None] * self.world_size if self.rank == to else None
-            dist.gather_object(local, gathered, dst=to, group=self.process_group)
+            dist.gather_object(local, gathered, group_dst=to, group=self.process_group)
         self._consolidated = merge_local_state_dicts(gathered) if self.rank == to else None
 
     def state_dict(self) -> dict:
@@ -258,6 +263,14 @@ class ZeroShardedOptimizer(Optimizer):
                              f"{[len(g['params']) for g in self.param_groups]}")
         elementwise = self._inner._elementwise_state_keys
         moments = LION_8BIT_MOMENTS if issubclass(self.optimizer_class, Lion) else ADAM_8BIT_MOMENTS
+        # Every rank checks every param's saved state against the whole param, so a bad checkpoint
+        # raises on all ranks alike (none is left waiting in a collective) and before any change.
+        for g, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for j, p in enumerate(group["params"]):
+                saved = state_dict["state"].get(saved_group["params"][j])
+                if saved:
+                    _check_whole_param_state(saved, p, elementwise, f"{self._who}.load_state_dict: param {j} of group {g} "
+                                                                    f"(shape {tuple(p.shape)})")
         inner_state, inner_groups, k = {}, [], 0
         for g, (saved_group, group, mine) in enumerate(zip(saved_groups, self.param_groups, self._pieces)):
             ids = []
@@ -277,10 +290,27 @@ class ZeroShardedOptimizer(Optimizer):
                 k += 1
             inner_groups.append({**{key: v for key, v in saved_group.items() if key != "params"}, "params": ids})
         self._inner.load_state_dict({"state": inner_state, "param_groups": inner_groups})
-        for group, saved_group in zip(self.param_groups, saved_groups):
-            for key, v in saved_group.items():
+        # The inner optimizer normalized the loaded options (AdamW's decoupled flag, a fixed
+        # state_dtype, ...): those, not the checkpoint's raw values, are what step() passes down.
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            for key, v in inner_group.items():
                 if key != "params":
-                    group[key] = deepcopy(v)
+                    group[key] = v
+
+
+def _check_whole_param_state(saved: dict, p: torch.Tensor, elementwise: tuple[str, ...], where: str) -> None:
+    """Shapes of one param's saved state against the param itself (a piece alone cannot tell a
+    checkpoint of another model from this one)."""
+    for key, value in saved.items():
+        if not isinstance(value, torch.Tensor) or key == "step":
+            continue
+        if key.endswith("_absmax"):
+            if value.dim() != 1 or value.numel() != num_blocks(p.numel()):
+                raise ValueError(f"{where}: state['{key}'] has {value.numel()} values, expected {num_blocks(p.numel())} "
+                                 f"(one per {BLOCK}-element block)")
+        elif (key in elementwise or value.dim() > 0) and value.shape != p.shape:
+            raise ValueError(f"{where}: state['{key}'] has shape {tuple(value.shape)} but the param has shape "
+                             f"{tuple(p.shape)}; the checkpoint does not belong to these parameters")
 
 
 def merge_local_state_dicts(local: list[dict]) -> dict:
