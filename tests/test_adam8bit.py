@@ -9,6 +9,7 @@ import torch
 
 import fusedopt
 from fusedopt import quant
+from problems import small_model, train_mlp, train_small
 from reference import ReferenceAdam, ReferenceAdam8bit, rel_l2
 
 SMAP, UMAP = quant.dynamic_map(True), quant.dynamic_map(False)
@@ -118,27 +119,8 @@ def test_trajectory_stays_close_to_fp32_adamw(cls_name, kw):
     assert rel_l2(fp32, fp64) < 1e-5  # the fp32 baseline itself is exact to rounding
 
 
-def _mlp(seed):
-    torch.manual_seed(seed)
-    # Linear(32, 128) and Linear(128, 64) weights are >= 4096 elements: 8-bit; the rest fp32
-    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64), torch.nn.Tanh(),
-                               torch.nn.Linear(64, 1))
 
 
-def _train_mlp(cls, seed, steps=300, **kw):
-    g = torch.Generator().manual_seed(seed)
-    x, teacher = torch.randn(4096, 32, generator=g), torch.randn(32, 8, generator=g)
-    y = torch.tanh(x @ teacher).sum(1, keepdim=True) + 0.3 * torch.randn(4096, 1, generator=g)
-    model = _mlp(100 + seed)
-    opt = cls(model.parameters(), **kw)
-    batches = torch.Generator().manual_seed(7)
-    for _ in range(steps):
-        idx = torch.randint(0, 4096, (256,), generator=batches)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
-        opt.step()
-    with torch.no_grad():
-        return torch.nn.functional.mse_loss(model(x), y).item(), model, opt
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -150,8 +132,8 @@ def test_small_model_reaches_the_fp32_loss(seed):
     (At beta2 = 0.999 the 8-bit loss comes out 2-13% *lower* on this model: see Adam8bit's
     docstring, "second moment with beta2 near 1".)"""
     kw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    loss32, _, _ = _train_mlp(fusedopt.AdamW, seed, **kw)
-    loss8, model, opt = _train_mlp(fusedopt.AdamW8bit, seed, **kw)
+    loss32, _, _ = train_mlp(fusedopt.AdamW, seed, **kw)
+    loss8, model, opt = train_mlp(fusedopt.AdamW8bit, seed, **kw)
     assert ["exp_avg_absmax" in opt.state[p] for p in model.parameters()] == [True, False, True, False, False, False]
     assert abs(loss8 - loss32) <= 0.03 * loss32
     assert loss8 < 0.6  # learned: the target's variance is ~3.6
@@ -300,9 +282,6 @@ def test_grad_scaler_skips_inf_steps_and_unscales_in_the_kernel():
 
 
 # --- checkpoints ----------------------------------------------------------------------------
-def _model():
-    torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.LayerNorm(96), torch.nn.Linear(96, 3))
 
 
 def _groups(m):
@@ -310,32 +289,25 @@ def _groups(m):
             {"params": [p for p in m.parameters() if p.dim() != 2], "weight_decay": 0.0}]
 
 
-def _train(m, opt, steps, seed):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(32, 64, generator=g), torch.randn(32, 3, generator=g)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(m(x), y).backward()
-        opt.step()
 
 
 def test_state_dict_is_plain_tensors_and_resume_is_bitwise():
-    m_full, m_half = _model(), _model()
+    m_full, m_half = small_model(), small_model()
     o_full = fusedopt.AdamW8bit(_groups(m_full), lr=3e-3)
-    _train(m_full, o_full, 10, seed=0)
-    _train(m_full, o_full, 10, seed=1)
+    train_small(m_full, o_full, 10, seed=0)
+    train_small(m_full, o_full, 10, seed=1)
 
     o_half = fusedopt.AdamW8bit(_groups(m_half), lr=3e-3)
-    _train(m_half, o_half, 10, seed=0)
+    train_small(m_half, o_half, 10, seed=0)
     sd = _roundtrip(o_half.state_dict())  # weights_only=True: codes and absmax are plain tensors
     assert sd["state"][0]["exp_avg"].dtype == torch.uint8 and "exp_avg_sq_absmax" in sd["state"][0]
     assert sd["param_groups"][0]["min_8bit_size"] == 4096
-    m_new = _model()
+    m_new = small_model()
     m_new.load_state_dict(m_half.state_dict())
     o_new = fusedopt.AdamW8bit(_groups(m_new), lr=1.0)
     o_new.load_state_dict(sd)
     assert o_new.param_groups[0]["lr"] == 3e-3
-    _train(m_new, o_new, 10, seed=1)
+    train_small(m_new, o_new, 10, seed=1)
     assert all(torch.equal(a, b) for a, b in zip(m_full.parameters(), m_new.parameters()))
     for a, b in zip(o_full.state_dict()["state"].values(), o_new.state_dict()["state"].values()):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -343,9 +315,9 @@ def test_state_dict_is_plain_tensors_and_resume_is_bitwise():
 
 @pytest.mark.parametrize("src", ["torch", "fusedopt"])
 def test_full_precision_checkpoint_loads_quantized(src):
-    m1 = _model()
+    m1 = small_model()
     o1 = (torch.optim.AdamW if src == "torch" else fusedopt.AdamW)(_groups(m1), lr=3e-3)
-    _train(m1, o1, 10, seed=0)
+    train_small(m1, o1, 10, seed=0)
     sd = _roundtrip(o1.state_dict())
     m2 = copy.deepcopy(m1)
     o2 = fusedopt.AdamW8bit(_groups(m2), lr=1.0)
@@ -364,16 +336,16 @@ def _assert_continues_closely(m1, o1, m2, o2):
     """10 more steps on both sides: they differ by a few % of the distance travelled (the 8-bit
     rounding error of test_trajectory_stays_close_to_fp32_adamw)."""
     start = [p.detach().clone() for p in m1.parameters()]
-    _train(m1, o1, 10, seed=1)
-    _train(m2, o2, 10, seed=1)
+    train_small(m1, o1, 10, seed=1)
+    train_small(m2, o2, 10, seed=1)
     norm = lambda xs, ys: math.sqrt(sum(((x - y) ** 2).sum().item() for x, y in zip(xs, ys)))  # noqa: E731
     assert norm(m1.parameters(), m2.parameters()) <= 0.05 * norm(m1.parameters(), start)
 
 
 def test_8bit_checkpoint_loads_dequantized_into_fusedopt_adamw():
-    m1 = _model()
+    m1 = small_model()
     o1 = fusedopt.AdamW8bit(_groups(m1), lr=3e-3)
-    _train(m1, o1, 10, seed=0)
+    train_small(m1, o1, 10, seed=0)
     m2 = copy.deepcopy(m1)
     o2 = fusedopt.AdamW(_groups(m2), lr=1.0)
     o2.load_state_dict(_roundtrip(o1.state_dict()))

@@ -7,6 +7,7 @@ import torch
 
 import fusedopt
 from fusedopt import quant
+from problems import small_model, train_mlp, train_small
 from reference import ReferenceLion8bit, through_bytes
 
 SMAP = quant.dynamic_map(True)
@@ -45,27 +46,8 @@ def test_each_step_matches_the_torch_reference():
 
 
 # --- against fp32 Lion ------------------------------------------------------------------------
-def _mlp(seed):
-    torch.manual_seed(seed)
-    # Linear(32, 128) and Linear(128, 64) weights are >= 4096 elements: 8-bit; the rest fp32
-    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64), torch.nn.Tanh(),
-                               torch.nn.Linear(64, 1))
 
 
-def _train_mlp(cls, seed, steps=300, **kw):
-    g = torch.Generator().manual_seed(seed)
-    x, teacher = torch.randn(4096, 32, generator=g), torch.randn(32, 8, generator=g)
-    y = torch.tanh(x @ teacher).sum(1, keepdim=True) + 0.3 * torch.randn(4096, 1, generator=g)
-    model = _mlp(100 + seed)
-    opt = cls(model.parameters(), **kw)
-    batches = torch.Generator().manual_seed(7)
-    for _ in range(steps):
-        idx = torch.randint(0, 4096, (256,), generator=batches)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
-        opt.step()
-    with torch.no_grad():
-        return torch.nn.functional.mse_loss(model(x), y).item(), model, opt
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -76,8 +58,8 @@ def test_small_model_reaches_the_fp32_loss(seed):
     flips then compound through training like any perturbation. Measured final losses differ by
     0.2-1.2% over seeds 0-3 (losses 0.54-0.64); bound 3%."""
     kw = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    loss32, _, _ = _train_mlp(fusedopt.Lion, seed, **kw)
-    loss8, model, opt = _train_mlp(fusedopt.Lion8bit, seed, **kw)
+    loss32, _, _ = train_mlp(fusedopt.Lion, seed, **kw)
+    loss8, model, opt = train_mlp(fusedopt.Lion8bit, seed, **kw)
     assert ["exp_avg_absmax" in opt.state[p] for p in model.parameters()] == [True, False, True, False, False, False]
     assert abs(loss8 - loss32) <= 0.03 * loss32
     assert loss8 < 0.8  # learned: the target's variance is ~3.6
@@ -179,34 +161,24 @@ def test_grad_scaler_skips_inf_steps_and_unscales_in_the_kernel():
 
 
 # --- checkpoints ----------------------------------------------------------------------------
-def _model():
-    torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.LayerNorm(96), torch.nn.Linear(96, 3))
 
 
-def _train(m, opt, steps, seed):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(32, 64, generator=g), torch.randn(32, 3, generator=g)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(m(x), y).backward()
-        opt.step()
 
 
 def test_state_dict_is_plain_tensors_and_resume_is_bitwise():
-    m_full, m_half = _model(), _model()
+    m_full, m_half = small_model(), small_model()
     o_full = fusedopt.Lion8bit(m_full.parameters(), lr=1e-3, weight_decay=0.1)
-    _train(m_full, o_full, 10, seed=0)
-    _train(m_full, o_full, 10, seed=1)
+    train_small(m_full, o_full, 10, seed=0)
+    train_small(m_full, o_full, 10, seed=1)
     o_half = fusedopt.Lion8bit(m_half.parameters(), lr=1e-3, weight_decay=0.1)
-    _train(m_half, o_half, 10, seed=0)
+    train_small(m_half, o_half, 10, seed=0)
     sd = through_bytes(o_half.state_dict())
     assert sd["state"][0]["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in sd["state"][0]
-    m_new = _model()
+    m_new = small_model()
     m_new.load_state_dict(m_half.state_dict())
     o_new = fusedopt.Lion8bit(m_new.parameters(), lr=1.0)
     o_new.load_state_dict(sd)
-    _train(m_new, o_new, 10, seed=1)
+    train_small(m_new, o_new, 10, seed=1)
     assert all(torch.equal(a, b) for a, b in zip(m_full.parameters(), m_new.parameters()))
     for a, b in zip(o_full.state_dict()["state"].values(), o_new.state_dict()["state"].values()):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -216,9 +188,9 @@ def test_switching_between_lion_and_lion8bit_mid_training():
     """A fp32 Lion checkpoint loads into Lion8bit (the momentum quantized) and back (dequantized):
     the momentum survives the trip to within half a code gap of its block's absmax (the signed
     map's widest, next to -1, is 0.0105: fusedopt/quant.py), and comes back unchanged."""
-    m = _model()
+    m = small_model()
     o32 = fusedopt.Lion(m.parameters(), lr=1e-3)
-    _train(m, o32, 5, seed=0)
+    train_small(m, o32, 5, seed=0)
     o8 = fusedopt.Lion8bit(m.parameters(), lr=1e-3)
     o8.load_state_dict(through_bytes(o32.state_dict()))
     w = m[0].weight  # 6144 elements: 8-bit
@@ -231,8 +203,8 @@ def test_switching_between_lion_and_lion8bit_mid_training():
     back.load_state_dict(through_bytes(o8.state_dict()))
     assert torch.equal(back.state[w]["exp_avg"], _momentum(s8))
     assert "exp_avg_absmax" not in back.state[w]
-    _train(m, o8, 3, seed=1)  # both keep training
-    _train(m, back, 3, seed=1)
+    train_small(m, o8, 3, seed=1)  # both keep training
+    train_small(m, back, 3, seed=1)
 
 
 # --- bad input ------------------------------------------------------------------------------

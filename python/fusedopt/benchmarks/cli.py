@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fusedopt
 from fusedopt.benchmarks.common import OtherLoad, copy_bandwidth_gbs, env_stamp, write_results
-from fusedopt.benchmarks.harness import QUICK_SIZES, parse_size, render, run_suite, suite_cases
+from fusedopt.benchmarks.harness import QUICK_SIZES, ROUNDS, parse_size, render, run_suite, suite_cases
 from fusedopt.benchmarks.plot import plot_roofline
 
 SUITES = ("adamw", "lion", "adam8bit", "muon")
@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> dict:
     bandwidth = (
         f"measured bandwidth (better of dst.copy_(src) and in-place x.mul_(1.0), 2 x nbytes each): **{copy_gbs:.1f} GB/s** "
         f"at the start (median of {copy_t.reps}, {copy_t.median_ms:.2f} ms per pass; other load "
-        f"{'-' if copy_load.cores is None else f'{copy_load.cores:.2f}'} cores), measured again before each case: "
-        "each row's % is against its case's measurement (last column)"
+        f"{'-' if copy_load.cores is None else f'{copy_load.cores:.2f}'} cores); the probe is sampled again in "
+        f"every round of each group's interleaved timing ({ROUNDS} rounds, each stepping every implementation "
+        "in turn): each row's % is against the bandwidth measured alongside it (last column)"
     )
     for n, res in results.items():
         table = render(res["rows"])

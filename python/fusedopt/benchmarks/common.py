@@ -90,6 +90,56 @@ def time_fn(fn, device: str, **kw) -> Timing:
     return time_cuda(fn, **kw) if device == "cuda" else time_cpu(fn, **kw)
 
 
+def sample_ms(fn, device: str, reps: int) -> list[float]:
+    """`reps` timed calls of fn (already warmed up), in ms: perf_counter on the CPU; on CUDA event
+    pairs, each after an L2 flush outside the timed window."""
+    if device != "cuda":
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+    events = []
+    for _ in range(reps):
+        _flush_l2()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def summarize(samples_ms: list[float]) -> Timing:
+    return _summarize(samples_ms)
+
+
+class BandwidthProbe:
+    """The streaming probe of copy_bandwidth_gbs as something to sample between other timings:
+    in-place x.mul_(1.0) and dst.copy_(src) on `nbytes`, counted as 2 x nbytes each."""
+
+    def __init__(self, device: str, nbytes: int | None = None) -> None:
+        self.nbytes = nbytes or ((1 << 30) if device == "cuda" else (256 << 20))
+        self.device = device
+        self.src = torch.ones(self.nbytes // 4, dtype=torch.float32, device=device)
+        self.dst = torch.zeros_like(self.src)
+        self.copy_ms: list[float] = []
+        self.inplace_ms: list[float] = []
+        for _ in range(2):  # warm up
+            self.dst.copy_(self.src)
+            self.dst.mul_(1.0)
+
+    def sample(self, reps: int = 3) -> None:
+        self.copy_ms += sample_ms(lambda: self.dst.copy_(self.src), self.device, reps)
+        self.inplace_ms += sample_ms(lambda: self.dst.mul_(1.0), self.device, reps)
+
+    def gbs(self) -> float:
+        best = min(statistics.median(self.copy_ms), statistics.median(self.inplace_ms))
+        return 2 * self.nbytes / (best * 1e-3) / 1e9
+
+
 class OtherLoad:
     """Cores' worth of CPU time that other processes used while the block ran (Linux /proc/stat;
     None elsewhere). On a shared machine this, not the code, is often why a CPU timing is slow."""

@@ -16,12 +16,13 @@ import importlib
 import multiprocessing as mp
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from fusedopt.benchmarks.common import OtherLoad, copy_bandwidth_gbs, markdown_table, time_fn
+from fusedopt.benchmarks.common import BandwidthProbe, OtherLoad, markdown_table, sample_ms, summarize
 
 M = 1 << 20
 SIZES = {"cpu": [1, 4, 16, 32, 64], "cuda": [1, 4, 16, 32, 64, 128, 256]}
@@ -96,33 +97,60 @@ def validate(suite_module: str, impl_name: str, device: str) -> str | None:
 
 
 # --- timing -------------------------------------------------------------------------------------
+ROUNDS = 5
+
+
 def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, failures: dict, timing_kw: dict,
-               progress: Callable[[str], None], flops: float | None = None) -> list[dict]:
+               progress: Callable[[str], None], flops: float | None = None,
+               probe: BandwidthProbe | None = None) -> list[dict]:
+    """Times a group's implementations interleaved: ROUNDS rounds, each stepping every
+    implementation for a share of its time budget (and sampling the bandwidth probe), so that a
+    shared machine's drifting bandwidth (measured here: between 62 and 129 GB/s within minutes)
+    reaches every implementation alike instead of whichever happened to run then."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     params = [torch.randn(s, device=device, dtype=group[0].dtype) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
-    rows = []
+    rows, live = [], []
     for impl in group:
         row = dict(case=case, n_tensors=len(shapes), numel=numel, impl=impl.name, layout=impl.layout,
                    bytes_per_param=impl.bytes_per_param, is_fusedopt=impl.is_fusedopt, flops=flops)
-        progress(f"{case} | {impl.name}")
+        rows.append(row)
         if impl.name in failures:
-            rows.append(dict(row, error=failures[impl.name]))
+            row["error"] = failures[impl.name]
             continue
         try:
             opt = impl.make(params)
-            opt.step()  # state allocation (and a peer failing on this device) outside the timing
+            for _ in range(3):  # state allocation, compilation, warmup: outside the timing
+                opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            one_ms = (time.perf_counter() - t0) * 1e3
         except Exception as e:
-            rows.append(dict(row, error=str(e) if isinstance(e, Missing) else f"failed: {type(e).__name__}: {e}"[:200]))
+            row["error"] = str(e) if isinstance(e, Missing) else f"failed: {type(e).__name__}: {e}"[:200]
             continue
-        nvtx = torch.cuda.nvtx.range(f"{case} | {impl.name}") if device == "cuda" else contextlib.nullcontext()
-        with nvtx, OtherLoad() as load:
-            row["timing"] = time_fn(opt.step, device, **timing_kw)
-        row["other_load_cores"] = load.cores
-        del opt  # one optimizer's state alive at a time
-        gc.collect()
-        rows.append(row)
+        target_s = timing_kw.get("target_s", 1.5)
+        per_round = max(1, min(40, int(target_s * 1e3 / ROUNDS / max(one_ms, 1e-3))))
+        live.append((row, impl, opt, per_round, []))
+    with OtherLoad() as load:
+        for _ in range(ROUNDS):
+            for row, impl, opt, reps, samples in live:
+                nvtx = torch.cuda.nvtx.range(f"{case} | {impl.name}") if device == "cuda" else contextlib.nullcontext()
+                with nvtx:
+                    samples += sample_ms(opt.step, device, reps)
+            if probe is not None:
+                probe.sample()
+    for row, impl, opt, reps, samples in live:
+        row["timing"] = summarize(samples)
+        row["other_load_cores"] = load.cores  # over the whole interleaved block
+    for impl in group:
+        progress(f"{case} | {impl.name}")
+    del live
+    gc.collect()
     return rows
 
 
@@ -186,19 +214,20 @@ def suite_cases(suite, device: str, sizes: list[int], mix_scale: int) -> list[tu
 def run_suite(suite, device: str, sizes: list[int], mix_scale: int, timing_kw: dict,
               progress: Callable[[str], None]) -> dict:
     """Validate the suite's fusedopt implementations, then time every group on every case. The
-    bandwidth is measured again before each case: on a shared machine it drifts (measured here:
-    67 and 129 GB/s within the same hour), and a row's % must be against what it had."""
+    bandwidth probe runs inside each group's rounds (see time_group), so a row's % is against the
+    bandwidth the machine had while that row was timed."""
     failures = {}
     for impl in (i for g in suite.GROUPS for i in g if i.is_fusedopt):
         if err := validate(suite.__name__, impl.name, device):
             failures[impl.name] = err
             print(f"validation FAILED for {impl.name}: {err}", file=sys.stderr)
     rows = []
+    probe = BandwidthProbe(device)
     for case, shapes in suite_cases(suite, device, sizes, mix_scale):
-        copy_gbs, _ = copy_bandwidth_gbs(device, target_s=min(0.5, timing_kw.get("target_s", 0.5)))
         flops = suite.flops(shapes) if hasattr(suite, "flops") else None
         for group in suite.GROUPS:
-            group_rows = time_group(case, shapes, group, device, failures, timing_kw, progress, flops)
-            add_metrics(group_rows, copy_gbs)
+            probe.copy_ms, probe.inplace_ms = [], []  # this group's rounds only
+            group_rows = time_group(case, shapes, group, device, failures, timing_kw, progress, flops, probe)
+            add_metrics(group_rows, probe.gbs())
             rows += group_rows
     return dict(validation_failures=failures, rows=rows)

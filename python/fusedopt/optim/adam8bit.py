@@ -5,13 +5,11 @@ import torch
 
 from fusedopt._ops import adam8bit_step_
 from fusedopt.optim.adam import Adam
-from fusedopt.optim.base import policy_numel
-from fusedopt.quant import ADAM_8BIT_MOMENTS, load_8bit_moments, maps_on, new_8bit_moments
-
-_ABSMAX_KEYS = tuple(absmax_key for absmax_key, _ in ADAM_8BIT_MOMENTS.values())
+from fusedopt.optim.blockwise8bit import Blockwise8bit
+from fusedopt.quant import ADAM_8BIT_MOMENTS, maps_on
 
 
-class Adam8bit(Adam):
+class Adam8bit(Blockwise8bit, Adam):
     r"""Adam whose moments are stored in 8 bits: about 2.03 bytes of state per parameter instead of 8.
 
     The update is :class:`fusedopt.Adam`'s, run on the dequantized moments (one native pass per
@@ -72,59 +70,18 @@ class Adam8bit(Adam):
             _extra_defaults={"min_8bit_size": min_8bit_size},
         )
 
-    # --- hyperparameters -------------------------------------------------------------------
+    _moments = ADAM_8BIT_MOMENTS
+
     def _check_hyper(self, g: dict, where: str, at_step: bool = False) -> None:
         super()._check_hyper(g, where, at_step)
         if g["amsgrad"]:
             raise ValueError(f"{self._who}: amsgrad is not supported with 8-bit states ({where}); use fusedopt.AdamW")
-        size = g["min_8bit_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"{self._who}: min_8bit_size must be an int >= 0, got {size!r} in {where}")
-        if g["state_dtype"] != "float32":
-            raise ValueError(f"{self._who}: state_dtype is fixed (8-bit moments, fp32 for small params) in {where}")
+        self._check_8bit_options(g, where)
 
-    def _normalize_loaded_group(self, group: dict) -> None:
-        super()._normalize_loaded_group(group)
-        # A fusedopt.Adam(state_dtype=bfloat16) checkpoint loads too: its moments are converted.
-        group["state_dtype"] = "float32"
-
-    # --- state -----------------------------------------------------------------------------
-    @staticmethod
-    def _is_8bit(p: torch.Tensor, group: dict) -> bool:
-        return policy_numel(p) >= group["min_8bit_size"]
-
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        if not self._is_8bit(p, group):
-            return super()._init_state(p, group)
-        state = {"step": self._new_step(p)}
-        state.update(new_8bit_moments(p, ADAM_8BIT_MOMENTS))
-        if self._wants_master(group, p):
-            state["master_param"] = self._copy_like(p, p, torch.float32)
-        return state
-
-    def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
-        if not self._is_8bit(p, group):
-            return super()._load_param_state(p, saved, group, where)  # dequantizes if needed
-        self._check_loaded_shapes(p, saved, where)
-        missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved]
-        if missing:
-            raise ValueError(f"{where}: state lacks {missing}")
-        dropped = set(self._elementwise_state_keys) | set(_ABSMAX_KEYS) | {"step"}
-        state = {k: v for k, v in saved.items() if k not in dropped}
-        state["step"] = self._new_step(p, float(torch.as_tensor(saved["step"]).item()))
-        state.update(load_8bit_moments(p, saved, where, ADAM_8BIT_MOMENTS))
-        if self._wants_master(group, p):
-            state["master_param"] = self._copy_like(p, saved.get("master_param", p), torch.float32)
-        return state
-
-    # --- step ------------------------------------------------------------------------------
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
-        full_precision = []
+        eight_bit, full_precision = self._split_8bit(group, pairs)
         beta1, beta2 = group["betas"]
-        for (device, _, _, state_dtype, master), items in self._buckets(group, pairs).items():
-            if state_dtype != torch.uint8:
-                full_precision += [(p, g) for p, g, _ in items]
-                continue
+        for device, master, items in eight_bit:
             states = [s for _, _, s in items]
             signed_map, unsigned_map = maps_on(device)
             adam8bit_step_(

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from fusedopt._ops import lion8bit_step_, lion_step_
-from fusedopt.optim.base import STATE_DTYPES, FusedOptimizer, as_float, policy_numel, state_dtype_name
-from fusedopt.quant import LION_8BIT_MOMENTS, dequantize_state, load_8bit_moments, maps_on, new_8bit_moments
+from fusedopt.optim.base import STATE_DTYPES, FusedOptimizer, as_float, state_dtype_name
+from fusedopt.optim.blockwise8bit import Blockwise8bit
+from fusedopt.quant import LION_8BIT_MOMENTS, dequantize_state, maps_on
 
 
 class Lion(FusedOptimizer):
@@ -95,7 +96,7 @@ class Lion(FusedOptimizer):
             )
 
 
-class Lion8bit(Lion):
+class Lion8bit(Blockwise8bit, Lion):
     r"""Lion whose momentum is stored in 8 bits: about 1.02 bytes of state per parameter instead of 4.
 
     The update is :class:`fusedopt.Lion`'s, run on the dequantized momentum (one native pass per
@@ -135,50 +136,17 @@ class Lion8bit(Lion):
             master_weights=master_weights, _extra_defaults={"min_8bit_size": min_8bit_size},
         )
 
+    _moments = LION_8BIT_MOMENTS
+    _has_step = False
+
     def _check_group(self, g: dict, where: str, at_step: bool = False) -> None:
         super()._check_group(g, where, at_step)
-        size = g["min_8bit_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"{self._who}: min_8bit_size must be an int >= 0, got {size!r} in {where}")
-        if g["state_dtype"] != "float32":
-            raise ValueError(f"{self._who}: state_dtype is fixed (8-bit momentum, fp32 for small params) in {where}")
-
-    def _normalize_loaded_group(self, group: dict) -> None:
-        super()._normalize_loaded_group(group)
-        group["state_dtype"] = "float32"  # a Lion(state_dtype=bfloat16) checkpoint loads too
-
-    @staticmethod
-    def _is_8bit(p: torch.Tensor, group: dict) -> bool:
-        return policy_numel(p) >= group["min_8bit_size"]
-
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        if not self._is_8bit(p, group):
-            return super()._init_state(p, group)
-        state = new_8bit_moments(p, LION_8BIT_MOMENTS)
-        if self._wants_master(group, p):
-            state["master_param"] = self._copy_like(p, p, torch.float32)
-        return state
-
-    def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
-        if not self._is_8bit(p, group):
-            return super()._load_param_state(p, saved, group, where)  # dequantizes if needed
-        self._check_loaded_shapes(p, saved, where)
-        if "exp_avg" not in saved:
-            raise ValueError(f"{where}: state lacks 'exp_avg'")
-        dropped = set(self._elementwise_state_keys) | {"exp_avg_absmax"}
-        state = {k: v for k, v in saved.items() if k not in dropped}
-        state.update(load_8bit_moments(p, saved, where, LION_8BIT_MOMENTS))
-        if self._wants_master(group, p):
-            state["master_param"] = self._copy_like(p, saved.get("master_param", p), torch.float32)
-        return state
+        self._check_8bit_options(g, where)
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
-        full_precision = []
+        eight_bit, full_precision = self._split_8bit(group, pairs)
         beta1, beta2 = group["betas"]
-        for (device, _, _, state_dtype, master), items in self._buckets(group, pairs).items():
-            if state_dtype != torch.uint8:
-                full_precision += [(p, g) for p, g, _ in items]
-                continue
+        for device, master, items in eight_bit:
             states = [s for _, _, s in items]
             lion8bit_step_(
                 [p for p, _, _ in items],

@@ -326,8 +326,8 @@ class MuonWithAdamW(Optimizer):
             for i, g in enumerate(c.param_groups):
                 c._validate_group(g, i, at_step=True)
                 c._grads_of(g, i)
-        for c in self._children():
-            c.step()
+        for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer
+            c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -1,0 +1,41 @@
+"""Small training problems shared by the optimizer tests: an MLP regression with a teacher, and a
+tiny model with random batches. Deterministic: same seed, same init, same batches."""
+import torch
+
+
+def mlp(seed):
+    torch.manual_seed(seed)
+    # Linear(32, 128) and Linear(128, 64) weights are >= 4096 elements (8-bit states); the rest are smaller
+    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 1))
+
+
+def train_mlp(cls, seed, steps=300, **kw):
+    """(final full-batch loss, model, optimizer) after `steps` minibatch steps of cls(**kw)."""
+    g = torch.Generator().manual_seed(seed)
+    x, teacher = torch.randn(4096, 32, generator=g), torch.randn(32, 8, generator=g)
+    y = torch.tanh(x @ teacher).sum(1, keepdim=True) + 0.3 * torch.randn(4096, 1, generator=g)
+    model = mlp(100 + seed)
+    opt = cls(model.parameters(), **kw)
+    batches = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        idx = torch.randint(0, 4096, (256,), generator=batches)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x), y).item(), model, opt
+
+
+def small_model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.LayerNorm(96), torch.nn.Linear(96, 3))
+
+
+def train_small(m, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(32, 64, generator=g), torch.randn(32, 3, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
