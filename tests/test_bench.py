@@ -43,6 +43,7 @@ def test_bench_command_writes_tables_and_results(tmp_path, capsys):
     assert "| 1 tensor x 1M | 1.0M | fusedopt Lion | fp32 p,g,m | 20 |" in out
     saved = json.loads((tmp_path / "lion_cpu.json").read_text())
     assert saved["env"]["command"].startswith("python -m fusedopt bench") and saved["copy_bandwidth_gbs"] > 0
+    assert set(saved["env"]["peers"]) == {"bitsandbytes", "torchao", "lion-pytorch", "deepspeed"}
     assert (tmp_path / "lion_cpu.md").read_text().startswith("# lion_cpu")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -209,6 +210,20 @@ def _file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+PEER_PACKAGES = ("bitsandbytes", "torchao", "lion-pytorch", "deepspeed")
+
+
+def peer_versions() -> dict[str, str]:
+    """Installed version of each optional peer package, or 'missing'."""
+    out = {}
+    for name in PEER_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
 def env_stamp(device: str, command: str) -> dict:
     """What a result needs to be reproduced and judged: `command` as the user typed it, versions,
     the binary measured, the machine and its load."""
@@ -233,6 +248,7 @@ def env_stamp(device: str, command: str) -> dict:
         ],
         # Other work on a shared machine shows up here; compare before/after to judge noise.
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "peers": peer_versions(),
     }
     if device == "cuda":
         stamp.update(
