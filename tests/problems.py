@@ -39,3 +39,36 @@ def train_small(m, opt, steps, seed):
         opt.zero_grad()
         torch.nn.functional.mse_loss(m(x), y).backward()
         opt.step()
+
+
+def check_grad_scaler_skip(make):
+    """GradScaler on the CPU with make(params) -> optimizer, against an unscaled twin stepped only
+    on the steps the scaler keeps: step 3 gets an inf grad and must leave params and state exactly
+    as they were; the rest must agree bitwise (grads scaled by powers of two unscale exactly).
+    Returns (model, optimizer) of the scaled run for further checks."""
+    import copy
+
+    torch.manual_seed(0)
+    ma = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))
+    mb = copy.deepcopy(ma)
+    oa, ob = make(ma.parameters()), make(mb.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(32, 64), torch.randn(32, 1)
+    for step in range(6):
+        oa.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(ma(x), y)).backward()
+        if step == 3:
+            ma[0].weight.grad[0, 0] = float("inf")
+            snap = [p.detach().clone() for p in ma.parameters()], copy.deepcopy(oa.state_dict())
+        scaler.step(oa)
+        scaler.update()
+        if step == 3:
+            assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), snap[0]))
+            for k, st in oa.state_dict()["state"].items():
+                assert all(torch.equal(v, snap[1]["state"][k][key]) for key, v in st.items())
+            continue
+        ob.zero_grad()
+        torch.nn.functional.mse_loss(mb(x), y).backward()
+        ob.step()
+    assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+    return ma, oa

@@ -7,7 +7,7 @@ import torch
 
 import fusedopt
 from fusedopt import quant
-from problems import small_model, train_mlp, train_small
+from problems import check_grad_scaler_skip, small_model, train_mlp, train_small
 from reference import ReferenceLion8bit, through_bytes
 
 SMAP = quant.dynamic_map(True)
@@ -135,29 +135,7 @@ def test_non_finite_grad_element_is_skipped_without_poisoning_its_block():
 
 
 def test_grad_scaler_skips_inf_steps_and_unscales_in_the_kernel():
-    torch.manual_seed(0)
-    ma = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))
-    mb = copy.deepcopy(ma)
-    oa, ob = fusedopt.Lion8bit(ma.parameters(), lr=1e-3), fusedopt.Lion8bit(mb.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x, y = torch.randn(32, 64), torch.randn(32, 1)
-    for step in range(6):
-        oa.zero_grad()
-        scaler.scale(torch.nn.functional.mse_loss(ma(x), y)).backward()
-        if step == 3:
-            ma[0].weight.grad[0, 0] = float("inf")
-            snap = [p.detach().clone() for p in ma.parameters()], copy.deepcopy(oa.state_dict())
-        scaler.step(oa)
-        scaler.update()
-        if step == 3:
-            assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), snap[0]))
-            for k, st in oa.state_dict()["state"].items():
-                assert all(torch.equal(v, snap[1]["state"][k][key]) for key, v in st.items())
-            continue
-        ob.zero_grad()
-        torch.nn.functional.mse_loss(mb(x), y).backward()
-        ob.step()
-    assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+    check_grad_scaler_skip(lambda ps: fusedopt.Lion8bit(ps, lr=1e-3))
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 
 import fusedopt
-from fusedopt.benchmarks.harness import SIZES, Impl, Missing, peer  # SIZES: this suite runs the default sizes
+from fusedopt.benchmarks.harness import SIZES as DEFAULT_SIZES
+from fusedopt.benchmarks.harness import Impl, Missing, peer
 
 NAME = "adamw"
+SIZES = DEFAULT_SIZES  # this suite runs the default sizes
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 _DeepSpeedCPUAdam = peer("deepspeed.ops.adam", "DeepSpeedCPUAdam", "deepspeed")
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 
 import fusedopt
-from fusedopt.benchmarks.harness import SIZES, Impl, peer  # SIZES: this suite runs the default sizes
+from fusedopt.benchmarks.harness import SIZES as DEFAULT_SIZES
+from fusedopt.benchmarks.harness import Impl, peer
 
 NAME = "lion"
+SIZES = DEFAULT_SIZES  # this suite runs the default sizes
 HYPER = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
 LionPytorch = peer("lion_pytorch", "Lion", "lion-pytorch")
 BnbLion = peer("bitsandbytes.optim", "Lion", "bitsandbytes")
