@@ -84,7 +84,7 @@ void muon_apply_cpu(const MuonApplyLaunch& L) {
       const bf16_t* __restrict__ o = reinterpret_cast<const bf16_t*>(L.lists.ptrs[kMuonOut][w.tensor]);
       for (int64_t i = w.begin; i < w.end; ++i) {
         float pf = load_float(p, i);
-        math::muon_apply(pf, load_float(o, i), decay, neg_lr_scaled);
+        math::muon_apply<P>(pf, load_float(o, i), decay, neg_lr_scaled);
         store_float(p, i, pf);
       }
     });

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kBlockSize)
     const bf16_t* o = static_cast<const bf16_t*>(meta.ptrs[kMuonOut][t]) + start;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       float pf = load_float(p, i);
-      math::muon_apply(pf, load_float(o, i), decay, neg_lr_scaled);
+      math::muon_apply<P>(pf, load_float(o, i), decay, neg_lr_scaled);
       store_float(p, i, pf);
     }
   });

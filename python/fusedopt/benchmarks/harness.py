@@ -138,10 +138,15 @@ def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, f
         live.append((row, impl, opt, per_round, []))
     with OtherLoad() as load:
         for _ in range(ROUNDS):
-            for row, impl, opt, reps, samples in live:
+            for entry in list(live):
+                row, impl, opt, reps, samples = entry
                 nvtx = torch.cuda.nvtx.range(f"{case} | {impl.name}") if device == "cuda" else contextlib.nullcontext()
-                with nvtx:
-                    samples += sample_ms(opt.step, device, reps)
+                try:
+                    with nvtx:
+                        samples += sample_ms(opt.step, device, reps)
+                except Exception as e:  # e.g. out of memory with every implementation's state alive
+                    row["error"] = f"failed: {type(e).__name__}: {e}"[:200]
+                    live.remove(entry)
             if probe is not None:
                 probe.sample()
     for row, impl, opt, reps, samples in live:

@@ -157,7 +157,9 @@ class Muon(FusedOptimizer):
             if len(state) == 0:
                 state.update(self._init_state(p, group))
             buf = state["momentum_buffer"]
-            if p.numel() and p.is_contiguous() and buf.is_contiguous() and g.is_contiguous():
+            if p.numel() == 0:
+                continue  # nothing to orthogonalize or update (torch.optim.Muon's step is a no-op too)
+            if p.is_contiguous() and buf.is_contiguous() and g.is_contiguous():
                 fused[(p.device, p.dtype, g.dtype, p.shape[0], p.numel() // p.shape[0])].append((p, g, buf))
             else:  # e.g. a channels_last conv weight: its memory order is not the flattened matrix's
                 rest.append((p, g))
@@ -326,6 +328,11 @@ class MuonWithAdamW(Optimizer):
             for i, g in enumerate(c.param_groups):
                 c._validate_group(g, i, at_step=True)
                 c._grads_of(g, i)
+        if self.adamw is not None:  # what FusedOptimizer.step checks before a CUDA-graph capture
+            check = getattr(self.adamw, "_accelerator_graph_capture_health_check", None) or getattr(
+                self.adamw, "_cuda_graph_capture_health_check", None)
+            if check is not None:
+                check()
         for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer
             c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         return loss

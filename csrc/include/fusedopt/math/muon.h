@@ -47,8 +47,11 @@ FUSEDOPT_HD float muon_divisor(double sum_squares, double safety, double eps) {
   return float(d > floor ? d : floor);
 }
 
+// P is the param's storage type: the decayed param is rounded to it before the update is added,
+// as torch's p.mul_(decay); p.add_(o, alpha) on a bf16/fp16 param does (fp32: no rounding).
+template <typename P>
 FUSEDOPT_HD void muon_apply(float& p, float o, float decay, float neg_lr_scaled) {
-  p = p * decay;
+  p = to_float(from_float<P>(p * decay));
   p = p + neg_lr_scaled * o;
 }
 
