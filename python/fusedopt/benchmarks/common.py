@@ -40,18 +40,15 @@ def _pick_reps(one_ms: float, target_s: float, min_reps: int, max_reps: int) -> 
     return max(min_reps, min(max_reps, int(target_s * 1e3 / max(one_ms, 1e-3))))
 
 
-def time_cpu(fn, warmup: int = 3, target_s: float = 1.0, min_reps: int = 5, max_reps: int = 200) -> Timing:
+def _timed(fn, device: str, warmup: int, target_s: float, min_reps: int, max_reps: int) -> Timing:
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
-    fn()
-    reps = _pick_reps((time.perf_counter() - t0) * 1e3, target_s, min_reps, max_reps)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return _summarize(samples)
+    one_ms = statistics.median(sample_ms(fn, device, 1))
+    return _summarize(sample_ms(fn, device, _pick_reps(one_ms, target_s, min_reps, max_reps)))
+
+
+def time_cpu(fn, warmup: int = 3, target_s: float = 1.0, min_reps: int = 5, max_reps: int = 200) -> Timing:
+    return _timed(fn, "cpu", warmup, target_s, min_reps, max_reps)
 
 
 _L2_FLUSH_BYTES = 256 << 20
@@ -68,23 +65,7 @@ def _flush_l2() -> None:
 
 
 def time_cuda(fn, warmup: int = 5, target_s: float = 1.0, min_reps: int = 10, max_reps: int = 500) -> Timing:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    reps = _pick_reps((time.perf_counter() - t0) * 1e3, target_s, min_reps, max_reps)
-    events = []
-    for _ in range(reps):
-        _flush_l2()  # outside the timed window
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return _summarize([s.elapsed_time(e) for s, e in events])
+    return _timed(fn, "cuda", warmup, target_s, min_reps, max_reps)
 
 
 def time_fn(fn, device: str, **kw) -> Timing:
