@@ -72,3 +72,24 @@ def check_grad_scaler_skip(make):
         ob.step()
     assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
     return ma, oa
+
+
+def cpu_cuda_lockstep(make, shapes, dtype, steps=30):
+    """Yields (cpu params, cuda params, cpu optimizer, cuda optimizer) after each of `steps`
+    steps that both backends start from the same params and state (the CUDA side adopts the CPU
+    side's before every step), with the same grads spread over 4 decades of scale."""
+    cpu = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
+    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
+    oc, og = make(cpu), make(gpu)
+    for _ in range(steps):
+        for pc, pg in zip(cpu, gpu):
+            pg.data.copy_(pc.data)
+            if pc in oc.state:
+                for k, v in oc.state[pc].items():
+                    og.state[pg][k].copy_(v)
+            g = (torch.randn(pc.shape) * torch.logspace(-3, 1, pc.numel()).view(pc.shape)).to(dtype)
+            pc.grad, pg.grad = g, g.cuda()
+        oc.step()
+        og.step()
+        torch.cuda.synchronize()
+        yield cpu, gpu, oc, og

@@ -6,6 +6,7 @@ import torch
 
 import fusedopt
 from conftest import requires_cuda
+from problems import cpu_cuda_lockstep
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -22,21 +23,8 @@ def test_each_step_agrees_with_the_cpu_backend(dtype, kw):
     math/quant8.h. nvcc may contract b1*m + (1-b1)*g into an FMA where g++ rounds twice: then
     sign(c) can differ where c is within an ulp of 0 (a param off by 2 lr) and a code can move by
     one; both rare."""
-    cpu = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
-    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
-    oc, og = _opt(cpu, **kw), _opt(gpu, **kw)
     flips = sign_flips = total = 0
-    for _ in range(30):
-        for pc, pg in zip(cpu, gpu):
-            pg.data.copy_(pc.data)
-            if pc in oc.state:
-                for k, v in oc.state[pc].items():
-                    og.state[pg][k].copy_(v)
-            g = (torch.randn(pc.shape) * torch.logspace(-3, 1, pc.numel()).view(pc.shape)).to(dtype)
-            pc.grad, pg.grad = g, g.cuda()
-        oc.step()
-        og.step()
-        torch.cuda.synchronize()
+    for cpu, gpu, oc, og in cpu_cuda_lockstep(lambda ps: _opt(ps, **kw), SHAPES, dtype):
         for pc, pg in zip(cpu, gpu):
             sc, sg = oc.state[pc], {k: v.cpu() for k, v in og.state[pg].items()}
             a, b = (sg["master_param"], sc["master_param"]) if dtype != torch.float32 else (pg.detach().cpu(), pc.detach())

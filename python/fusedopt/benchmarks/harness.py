@@ -105,7 +105,7 @@ def time_group(case: str, shapes: list[tuple], group: list[Impl], device: str, f
                probe: BandwidthProbe | None = None) -> list[dict]:
     """Times a group's implementations interleaved: ROUNDS rounds, each stepping every
     implementation for a share of its time budget (and sampling the bandwidth probe), so that a
-    shared machine's drifting bandwidth (measured here: between 62 and 129 GB/s within minutes)
+    shared machine's drifting bandwidth (measured here: between 51 and 129 GB/s within minutes)
     reaches every implementation alike instead of whichever happened to run then."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     params = [torch.randn(s, device=device, dtype=group[0].dtype) for s in shapes]
