@@ -59,7 +59,7 @@ def _hard_inputs(q):
     and 1/64 steps of each binade down to 2^-30), and a log-uniform sweep of [-1, 1]."""
     mids = (q[1:] + q[:-1]) / 2
     pts = torch.cat([q, mids])
-    edges = torch.cat([2.0 ** torch.arange(-30, 1).float() * (1 + torch.arange(64).float()[:, None] / 64)]).flatten()
+    edges = torch.cat([2.0 ** torch.arange(-30, 1).float() * (1 + torch.arange(128).float()[:, None] / 128)]).flatten()  # bucket edges: 2**kSearchMantissaBits per binade
     pts = torch.cat([pts, edges[edges <= 1], -edges[edges <= 1]])
     ulp = [torch.nextafter(pts, torch.full_like(pts, d)) for d in (2.0, -2.0)]
     sweep = torch.logspace(-12, 0, 400_000)

@@ -21,7 +21,7 @@ namespace cpu {
 
 static_assert(kChunkSize % math::kQuantBlock == 0, "a CPU work item must hold whole quantization blocks");
 
-template <typename Rule, typename P, typename G, bool UseMaster>
+template <typename Rule, typename P, typename G, bool UseMaster, Isa I>
 FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const math::QuantMap* const* maps, int32_t t,
                                                    int64_t begin, int64_t end, const typename Rule::Scalars& s) {
   constexpr int K = Rule::kMoments;
@@ -40,10 +40,7 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
     const int64_t b = b0 / B;
     const int len = int(std::min<int64_t>(B, end - b0));
     for (int j = 0; j < K; ++j) {
-      const float* values = maps[j]->values;
-      const uint8_t* c = codes[j] + b0;
-      const float scale = absmax[j][b];
-      for (int k = 0; k < len; ++k) m[j][k] = math::dequantize(values, c[k], scale);
+      dequantize_block<I>(maps[j]->values, codes[j] + b0, len, absmax[j][b], m[j]);
     }
     for (int k = 0; k < len; ++k) {
       const int64_t i = b0 + k;
@@ -56,16 +53,9 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
       for (int j = 0; j < K; ++j) m[j][k] = mf[j];
     }
     for (int j = 0; j < K; ++j) {
-      // The rules keep moments finite, and finite |m| order as their bits do: an integer max
-      // vectorizes where a float one (NaN rules) stays scalar.
-      uint32_t amax_bits = 0;
-      for (int k = 0; k < len; ++k) {
-        const uint32_t bits = float_bits(m[j][k]) & 0x7fffffffu;
-        amax_bits = amax_bits > bits ? amax_bits : bits;
-      }
-      const float amax = bits_float(amax_bits);
+      const float amax = block_absmax(m[j], len);  // the rules keep moments finite
       absmax[j][b] = amax;
-      quantize_block(*maps[j], m[j], len, math::inv_absmax(amax), codes[j] + b0);
+      quantize_block<I>(*maps[j], m[j], len, math::inv_absmax(amax), codes[j] + b0);
     }
   }
 }
@@ -81,9 +71,9 @@ void blockwise8bit_step(const TensorLists& lists, const DTypes& dtypes, const ma
       dispatch_bool(master, [&](auto mst) {
         using P = decltype(p_tag);
         using G = decltype(g_tag);
-        parallel_over_chunks(lists.numels, num_threads, [&](const WorkItem& w) FUSEDOPT_CPU_KERNEL {
-          blockwise8bit_loop<Rule, P, G, decltype(mst)::value>(lists, maps, w.tensor, w.begin, w.end,
-                                                                scalars[w.tensor]);
+        parallel_over_chunks(lists.numels, num_threads, [&](const WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
+          blockwise8bit_loop<Rule, P, G, decltype(mst)::value, decltype(isa)::value>(lists, maps, w.tensor, w.begin,
+                                                                                      w.end, scalars[w.tensor]);
         });
       });
     });

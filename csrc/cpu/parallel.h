@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace fusedopt {
@@ -41,21 +42,39 @@ inline std::vector<WorkItem> make_work_items(const std::vector<int64_t>& numels,
 // 23 ms per 16M-param AdamW step on one core), so x86-64 also runs them compiled for AVX2+FMA and
 // for AVX-512 when the CPU has them (torch's own fused CPU kernels use AVX-512 where present).
 // -ffp-contract=off and exact vector div/sqrt keep every copy bitwise identical.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// A loop lambda may take the tier it is compiled for as a second argument, to pick hand-written
+// intrinsics where the compiler's own vectorization falls short (cpu/quantize_avx2.h).
+template <Isa I>
+struct IsaTag {
+  static constexpr Isa value = I;
+};
+
+template <Isa I, typename F>
+FUSEDOPT_CPU_KERNEL inline void call_item(const F& f, const WorkItem& w) {
+  if constexpr (std::is_invocable_v<const F&, const WorkItem&, IsaTag<I>>) {
+    f(w, IsaTag<I>{});
+  } else {
+    f(w);
+  }
+}
+
 template <typename F>
 void run_item_baseline(const F& f, const WorkItem& w) {
-  f(w);
+  call_item<Isa::kBaseline>(f, w);
 }
 
 #if defined(__x86_64__)
 template <typename F>
 __attribute__((target("avx2,fma"))) void run_item_avx2(const F& f, const WorkItem& w) {
-  f(w);
+  call_item<Isa::kAvx2>(f, w);
 }
 
 template <typename F>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
 void run_item_avx512(const F& f, const WorkItem& w) {
-  f(w);
+  call_item<Isa::kAvx512>(f, w);
 }
 
 inline bool has_avx2_fma() {
@@ -72,7 +91,6 @@ inline bool has_avx512() {
 
 // The widest instruction set this CPU has, capped by isa_limit() (set_cpu_isa_limit in ops.h:
 // benchmarks compare the tiers, tests check that they agree bitwise).
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline std::atomic<int>& isa_limit() {
   static std::atomic<int> limit{int(Isa::kAvx512)};

@@ -18,7 +18,7 @@ void build_quant_map(uintptr_t values, uintptr_t out) {
   if (!math::build_quant_map(reinterpret_cast<const float*>(values), reinterpret_cast<math::QuantMap*>(out))) {
     throw std::invalid_argument(
         "fusedopt.build_quant_map: the map holds no exact 0, is not strictly increasing, or changes code more than "
-        "math::kSearchThresholds times in one search bucket (raise kSearchThresholds or kSearchMantissaBits in math/quant8.h)");
+        "once in one search bucket (raise kSearchMantissaBits in math/quant8.h)");
   }
 }
 
@@ -28,13 +28,13 @@ void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, uintptr_t c
   const math::QuantMap& q = *reinterpret_cast<const math::QuantMap*>(map);
   uint8_t* c = reinterpret_cast<uint8_t*>(codes);
   float* a = reinterpret_cast<float*>(absmax);
-  cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
+  // The Python wrapper refuses non-finite input, which block_absmax needs.
+  cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
     for (int64_t b0 = w.begin; b0 < w.end; b0 += kQuantBlock) {
-      const int64_t b1 = std::min<int64_t>(w.end, b0 + kQuantBlock);
-      float amax = 0.0f;
-      for (int64_t i = b0; i < b1; ++i) amax = math::max_of(amax, fabsf(x[i]));
+      const int len = int(std::min<int64_t>(w.end, b0 + kQuantBlock) - b0);
+      const float amax = cpu::block_absmax(x + b0, len);
       a[b0 / kQuantBlock] = amax;
-      cpu::quantize_block(q, x + b0, int(b1 - b0), math::inv_absmax(amax), c + b0);
+      cpu::quantize_block<decltype(isa)::value>(q, x + b0, len, math::inv_absmax(amax), c + b0);
     }
   });
 }
@@ -45,8 +45,11 @@ void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uint
   const float* a = reinterpret_cast<const float*>(absmax);
   const float* q = reinterpret_cast<const math::QuantMap*>(map)->values;
   float* y = reinterpret_cast<float*>(dst);
-  cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
-    for (int64_t i = w.begin; i < w.end; ++i) y[i] = math::dequantize(q, c[i], a[i / kQuantBlock]);
+  cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
+    for (int64_t b0 = w.begin; b0 < w.end; b0 += kQuantBlock) {
+      const int len = int(std::min<int64_t>(w.end, b0 + kQuantBlock) - b0);
+      cpu::dequantize_block<decltype(isa)::value>(q, c + b0, len, a[b0 / kQuantBlock], y + b0);
+    }
   });
 }
 

@@ -54,30 +54,31 @@ inline int nearest_code_reference(const float* map, float y) {
 
 // 2. The table. y's float bits (sign, binade, the top kSearchMantissaBits of the mantissa) pick a
 //    bucket; buckets are even in log scale, as the dynamic maps are, so within one bucket the
-//    nearest code takes at most kSearchThresholds + 1 values. The table holds the nearest code at
-//    the bucket's smallest y and the y at which each next code begins: a code is one lookup and
-//    two compares (three independent loads, which the CPU loop gathers with AVX2), where a
-//    bisection over 256 entries is eight dependent ones.
-constexpr int kSearchMantissaBits = 6;
+//    nearest code changes at most once. A bucket is one 32-bit word: the nearest code at the
+//    bucket's smallest y, and where in the bucket the next code begins, as the low mantissa bits
+//    that the bucket leaves free. A code is then one table load and one integer compare (one
+//    gather per 8 elements on AVX2), where a bisection over 256 entries is eight dependent loads.
+constexpr int kSearchMantissaBits = 7;
 constexpr int kSearchBinades = 24;  // |y| in [2^-24, 1] is bucketed; smaller |y| share bucket 0
 constexpr int kSearchBucketsPerSign = (kSearchBinades + 1) << kSearchMantissaBits;
 constexpr int kSearchBuckets = 2 * kSearchBucketsPerSign;
-constexpr int kSearchThresholds = 2;
 constexpr uint32_t kSearchExponentBias = 127 - kSearchBinades;
+constexpr int kSearchLowBits = 23 - kSearchMantissaBits;        // mantissa bits below a bucket's
+constexpr uint32_t kSearchLowMask = (1u << kSearchLowBits) - 1;
+constexpr uint32_t kSearchNever = 1u << kSearchLowBits;         // above every key: no code change
 
 // A map as every backend takes it: built once per map on the host (build_quant_map) and passed as
 // one buffer.
 struct QuantMap {
   float values[kQuantMapSize];
-  int32_t zero_code;                                   // values[zero_code] == 0
-  int32_t first_code[kSearchBuckets];                  // int32 so that the CPU loop can gather it
-  float threshold[kSearchThresholds][kSearchBuckets];  // y >= threshold[r][b]: one code higher
+  int32_t zero_code;                 // values[zero_code] == 0
+  uint32_t bucket[kSearchBuckets];   // nearest code at the bucket's start | next code's key << 8
 };
 
 // |y| <= 1 -> bucket in [0, kSearchBucketsPerSign), non-decreasing in |y|.
 FUSEDOPT_HD int magnitude_bucket(uint32_t abs_bits) {
   const int binade = int(abs_bits >> 23) - int(kSearchExponentBias);
-  const int mantissa = int((abs_bits >> (23 - kSearchMantissaBits)) & ((1u << kSearchMantissaBits) - 1));
+  const int mantissa = int((abs_bits >> kSearchLowBits) & ((1u << kSearchMantissaBits) - 1));
   const int clamped = binade < kSearchBinades ? binade : kSearchBinades;
   return binade < 0 ? 0 : (clamped << kSearchMantissaBits) | mantissa;
 }
@@ -89,16 +90,19 @@ FUSEDOPT_HD int search_bucket(float y) {
   return (bits >> 31) != 0 && y != 0.0f ? kSearchBucketsPerSign - 1 - u : kSearchBucketsPerSign + u;
 }
 
+// y's position inside its bucket, increasing in y: the free low mantissa bits, reversed for
+// negative y (a larger magnitude is a smaller y). Buckets whose y do not share their high bits
+// (bucket 0 of each sign) hold no code change, so their keys are never compared.
+FUSEDOPT_HD uint32_t search_key(float y) {
+  const uint32_t bits = float_bits(y);
+  return (bits & kSearchLowMask) ^ ((bits >> 31) != 0 ? kSearchLowMask : 0u);
+}
+
 // The nearest code of a clamped y (equals nearest_code_reference; build_quant_map and the tests
 // check it).
 FUSEDOPT_HD int nearest_code(const QuantMap& q, float y) {
-  const int b = search_bucket(y);
-  int c = q.first_code[b];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int r = 0; r < kSearchThresholds; ++r) c += y >= q.threshold[r][b] ? 1 : 0;
-  return c;
+  const uint32_t e = q.bucket[search_bucket(y)];
+  return int(e & 0xffu) + (search_key(y) >= (e >> 8) ? 1 : 0);
 }
 
 // 3. A nonzero x never becomes 0 or changes sign: it moves to the nearest code of its own sign.
@@ -121,7 +125,7 @@ FUSEDOPT_HD uint8_t quantize(const QuantMap& q, float x, float inv) {
 }
 
 // Host: fills q from 256 strictly increasing values holding 0. Returns false for a map the table
-// cannot serve exactly (no zero, or more than kSearchThresholds code changes inside one bucket).
+// cannot serve exactly (no zero, or more than one code change inside one bucket).
 inline bool build_quant_map(const float* values, QuantMap* q) {
   q->zero_code = -1;
   for (int c = 0; c < kQuantMapSize; ++c) {
@@ -134,36 +138,38 @@ inline bool build_quant_map(const float* values, QuantMap* q) {
   // bisection over keys.
   auto key = [](float f) { const uint32_t u = float_bits(f); return (u >> 31) ? ~u : (u | 0x80000000u); };
   auto from_key = [](uint32_t k) { return bits_float((k >> 31) ? (k & 0x7fffffffu) : ~k); };
-  auto fill = [&](int b, float lo, float hi) {
+  // The bucket holds y in [lo, hi] (clamped y reach only part of some buckets; the rest of a
+  // bucket is never looked up). Exact when the nearest code changes at most once in it, and not
+  // at all in a bucket whose y differ above the low bits (shared_high false).
+  auto fill = [&](int b, float lo, float hi, bool shared_high) {
     const int first = nearest_code_reference(values, lo);
-    q->first_code[b] = first;
-    for (int r = 0; r < kSearchThresholds; ++r) {
-      q->threshold[r][b] = bits_float(0x7f800000u);  // +inf: never reached
-      if (nearest_code_reference(values, hi) < first + r + 1) continue;
-      uint32_t a = key(lo), z = key(hi);  // nearest(from_key(z)) > first + r, nearest(from_key(a)) may not be
+    const int last = nearest_code_reference(values, hi);
+    uint32_t next = kSearchNever;
+    if (last > first) {
+      uint32_t a = key(lo), z = key(hi);  // nearest(from_key(z)) > first, nearest(from_key(a)) may not be
       while (a < z) {
         const uint32_t mid = a + (z - a) / 2;
-        if (nearest_code_reference(values, from_key(mid)) >= first + r + 1) z = mid; else a = mid + 1;
+        if (nearest_code_reference(values, from_key(mid)) > first) z = mid; else a = mid + 1;
       }
-      q->threshold[r][b] = from_key(z);
+      next = search_key(from_key(z));
     }
-    return nearest_code_reference(values, hi) - first <= kSearchThresholds;
+    q->bucket[b] = uint32_t(first) | (next << 8);
+    return last - first <= 1 && (shared_high || last == first);
   };
   const uint32_t one = float_bits(1.0f);
   auto first_bits = [&](int u) -> uint32_t {  // smallest |y| bits of magnitude bucket u
     if (u == 0) return 0;
     return ((kSearchExponentBias + uint32_t(u >> kSearchMantissaBits)) << 23) |
-           (uint32_t(u & ((1 << kSearchMantissaBits) - 1)) << (23 - kSearchMantissaBits));
+           (uint32_t(u & ((1 << kSearchMantissaBits) - 1)) << kSearchLowBits);
   };
   bool exact = true;
   for (int u = 0; u < kSearchBucketsPerSign; ++u) {
     const uint32_t a = first_bits(u);
     const uint32_t b = u + 1 < kSearchBucketsPerSign ? first_bits(u + 1) - 1 : one;
     const float lo = bits_float(a < one ? a : one), hi = bits_float(b < one ? b : one);
-    // The positive bucket holds y in [lo, hi], the negative one y in [-hi, -lo] (clamped y only
-    // reach part of some buckets; the rest of a bucket is never looked up).
-    exact = fill(kSearchBucketsPerSign + u, lo, hi) && exact;
-    exact = fill(kSearchBucketsPerSign - 1 - u, -hi, -lo) && exact;
+    // The positive bucket holds y in [lo, hi], the negative one y in [-hi, -lo].
+    exact = fill(kSearchBucketsPerSign + u, lo, hi, u > 0) && exact;
+    exact = fill(kSearchBucketsPerSign - 1 - u, -hi, -lo, u > 0) && exact;
   }
   return exact;
 }
