@@ -53,17 +53,12 @@ FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, _
   const __m256i bits = _mm256_castps_si256(y);
   // search_bucket
   const __m256i abs_bits = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
-  const __m256i binade = _mm256_sub_epi32(_mm256_srli_epi32(abs_bits, 23), _mm256_set1_epi32(int(kSearchExponentBias)));
-  const __m256i mantissa =
-      _mm256_and_si256(_mm256_srli_epi32(abs_bits, kSearchLowBits), _mm256_set1_epi32((1 << kSearchMantissaBits) - 1));
-  const __m256i clamped = _mm256_min_epi32(binade, _mm256_set1_epi32(kSearchBinades));
-  __m256i u = _mm256_or_si256(_mm256_slli_epi32(clamped, kSearchMantissaBits), mantissa);
-  u = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), binade), u);
+  const __m256i u = _mm256_max_epi32(
+      _mm256_sub_epi32(_mm256_srli_epi32(abs_bits, kSearchLowBits),
+                       _mm256_set1_epi32(int(kSearchExponentBias << kSearchMantissaBits))),
+      _mm256_setzero_si256());
   const __m256i sign = _mm256_srai_epi32(bits, 31);
-  const __m256i nonzero = _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NEQ_OQ));
-  const __m256i up = _mm256_add_epi32(_mm256_set1_epi32(kSearchBucketsPerSign), u);
-  const __m256i down = _mm256_sub_epi32(_mm256_set1_epi32(kSearchBucketsPerSign - 1), u);
-  const __m256i bucket = _mm256_blendv_epi8(up, down, _mm256_and_si256(sign, nonzero));
+  const __m256i bucket = _mm256_add_epi32(_mm256_set1_epi32(kSearchBucketsPerSign), _mm256_xor_si256(u, sign));
   // nearest_code: first code + (search_key >= next key)
   const __m256i e = gather8_avx2(q.bucket, bucket);
   const __m256i key = _mm256_xor_si256(_mm256_and_si256(bits, low_mask), _mm256_and_si256(sign, low_mask));

@@ -75,19 +75,19 @@ struct QuantMap {
   uint32_t bucket[kSearchBuckets];   // nearest code at the bucket's start | next code's key << 8
 };
 
-// |y| <= 1 -> bucket in [0, kSearchBucketsPerSign), non-decreasing in |y|.
+// |y| <= 1 -> bucket in [0, kSearchBucketsPerSign), non-decreasing in |y|: the binade and top
+// mantissa bits of |y| (|y| <= 1 keeps the binade at most kSearchBinades; |y| under 2^-24 goes to 0).
 FUSEDOPT_HD int magnitude_bucket(uint32_t abs_bits) {
-  const int binade = int(abs_bits >> 23) - int(kSearchExponentBias);
-  const int mantissa = int((abs_bits >> kSearchLowBits) & ((1u << kSearchMantissaBits) - 1));
-  const int clamped = binade < kSearchBinades ? binade : kSearchBinades;
-  return binade < 0 ? 0 : (clamped << kSearchMantissaBits) | mantissa;
+  const int u = int(abs_bits >> kSearchLowBits) - int(kSearchExponentBias << kSearchMantissaBits);
+  return u > 0 ? u : 0;
 }
 
-// Non-decreasing in y over [-1, 1]: negative y count down from the middle, the rest (-0 too) up.
+// Non-decreasing in y over [-1, 1]: negative y (-0 too) count down from the middle, the rest up.
+// -0 lands in the negative bucket 0, whose code is that of 0 (build_quant_map checks).
 FUSEDOPT_HD int search_bucket(float y) {
   const uint32_t bits = float_bits(y);
   const int u = magnitude_bucket(bits & 0x7fffffffu);
-  return (bits >> 31) != 0 && y != 0.0f ? kSearchBucketsPerSign - 1 - u : kSearchBucketsPerSign + u;
+  return kSearchBucketsPerSign + ((bits >> 31) != 0 ? ~u : u);
 }
 
 // y's position inside its bucket, increasing in y: the free low mantissa bits, reversed for
@@ -124,8 +124,8 @@ FUSEDOPT_HD uint8_t quantize(const QuantMap& q, float x, float inv) {
   return uint8_t(keep_sign(q.zero_code, x, nearest_code(q, clamp_to_map(q.values, x * inv))));
 }
 
-// Host: fills q from 256 strictly increasing values holding 0. Returns false for a map the table
-// cannot serve exactly (no zero, or more than one code change inside one bucket).
+// Host: fills q from 256 strictly increasing values in [-1, 1] holding 0. Returns false for a map the table
+// cannot serve exactly (no zero, a value outside [-1, 1], or more than one code change in a bucket).
 inline bool build_quant_map(const float* values, QuantMap* q) {
   q->zero_code = -1;
   for (int c = 0; c < kQuantMapSize; ++c) {
@@ -133,6 +133,7 @@ inline bool build_quant_map(const float* values, QuantMap* q) {
     if (values[c] == 0.0f) q->zero_code = c;
     if (c > 0 && !(values[c - 1] < values[c])) return false;
   }
+  if (!(values[0] >= -1.0f && values[kQuantMapSize - 1] <= 1.0f)) return false;  // magnitude_bucket needs |y| <= 1
   if (q->zero_code < 0) return false;
   // Floats as order-preserving unsigned keys, so that "the smallest y in [lo, hi] with ..." is a
   // bisection over keys.
