@@ -212,6 +212,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("device"), py::arg("params"), py::arg("outs"), py::arg("numels"), py::arg("param_dtype"),
         py::arg("lr"), py::arg("weight_decay"), py::arg("lr_factor"), py::arg("lr_ptr"), py::arg("found_inf_ptr"),
         py::arg("stream"), py::arg("num_threads"));
+  m.def(
+      "symmetric_gram",
+      [](uintptr_t x, uintptr_t c, uintptr_t out, int64_t batch, int64_t rows, int64_t cols, double alpha, double beta,
+         uintptr_t stream) {
+        GramLaunch L;
+        L = {x, c, out, batch, rows, cols, float(alpha), float(beta), stream};
+        py::gil_scoped_release release;
+        symmetric_gram_cuda(L);
+      },
+      "CUDA: out = alpha X X^T + beta C over a batch of bf16 matrices, upper-triangle tiles only",
+      py::arg("x"), py::arg("c"), py::arg("out"), py::arg("batch"), py::arg("rows"), py::arg("cols"),
+      py::arg("alpha"), py::arg("beta"), py::arg("stream"));
   m.def("chunk_size", []() { return int64_t(1) << 14; }, "Elements per work item / CUDA chunk (sizes workspaces)");
   m.def("quant_map_bytes", []() { return int(sizeof(math::QuantMap)); },
         "Size of the buffer build_quant_map fills (a math::QuantMap)");

@@ -134,6 +134,7 @@ void adam8bit_step_cuda(const Adam8bitLaunch&) { no_cuda(); }
 void lion8bit_step_cuda(const Lion8bitLaunch&) { no_cuda(); }
 void muon_prepare_cuda(const MuonPrepareLaunch&) { no_cuda(); }
 void muon_apply_cuda(const MuonApplyLaunch&) { no_cuda(); }
+void symmetric_gram_cuda(const GramLaunch&) { no_cuda(); }
 bool cuda_compiled() { return false; }
 const char* cuda_archs() { return ""; }
 int cuda_runtime_version() { return 0; }

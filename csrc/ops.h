@@ -113,6 +113,23 @@ void muon_apply(Device device, const MuonApplyLaunch& launch);
 void muon_apply_cpu(const MuonApplyLaunch& launch);
 void muon_apply_cuda(const MuonApplyLaunch& launch);
 
+// out = alpha X X^T + beta C over a batch of row-major bf16 matrices X (rows x cols), out and C
+// (rows x rows, C optional) symmetric; CUDA only (cuda/symmetric_gram.cu). The CPU Newton-Schulz
+// keeps torch's matmuls.
+struct GramLaunch {
+  uintptr_t x = 0;
+  uintptr_t c = 0;  // 0: no C term
+  uintptr_t out = 0;
+  int64_t batch = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float alpha = 1.0f;
+  float beta = 0.0f;
+  uintptr_t stream = 0;
+};
+
+void symmetric_gram_cuda(const GramLaunch& launch);
+
 // Fills the math::QuantMap at `out` (sizeof(math::QuantMap) bytes, host) from 256 sorted floats;
 // throws when the map is too dense for the table-guided search to be exact.
 void build_quant_map(uintptr_t values, uintptr_t out);

@@ -180,3 +180,25 @@ def muon_apply_(params, outs, *, lr, weight_decay, lr_factor, found_inf=None) ->
         L.device_code, _ptrs(params), _ptrs(outs), [p.numel() for p in params], DTYPE_CODES[params[0].dtype],
         L.lr, float(weight_decay), float(lr_factor), L.lr_ptr, L.found_inf_ptr, L.stream, L.num_threads,
     )
+
+
+def symmetric_gram(x: torch.Tensor, c: torch.Tensor | None = None, *, alpha: float = 1.0,
+                   beta: float = 0.0) -> torch.Tensor:
+    """alpha * x @ x.mT + beta * c for a batch of bf16 CUDA matrices x ([B, m, n]) and symmetric c
+    ([B, m, m]), computing only the tiles on and above the diagonal (csrc/cuda/symmetric_gram.cu).
+    Returns a new, exactly symmetric [B, m, m] bf16 tensor; x and c are only read."""
+    if x.ndim != 3 or x.dtype != torch.bfloat16 or x.device.type != "cuda":
+        raise ValueError("symmetric_gram takes a [batch, rows, cols] bfloat16 CUDA tensor, got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    check_device_supported(x.device, "fusedopt.symmetric_gram")
+    b, m, n = x.shape
+    if c is not None and (c.shape != (b, m, m) or c.dtype != x.dtype or c.device != x.device):
+        raise ValueError(f"symmetric_gram: c must be a {(b, m, m)} bfloat16 tensor on {x.device}, got "
+                         f"{tuple(c.shape)} {c.dtype} on {c.device}")
+    x = x.contiguous()
+    c = None if c is None else c.contiguous()
+    out = torch.empty((b, m, m), dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device), nvtx_range("fusedopt.symmetric_gram", x.device):
+        lib().symmetric_gram(x.data_ptr(), 0 if c is None else c.data_ptr(), out.data_ptr(), b, m, n,
+                             float(alpha), float(beta), torch.cuda.current_stream(x.device).cuda_stream)
+    return out

@@ -14,7 +14,7 @@ from fusedopt.benchmarks.common import OtherLoad, copy_bandwidth_gbs, env_stamp,
 from fusedopt.benchmarks.harness import QUICK_SIZES, ROUNDS, parse_size, render, run_suite, suite_cases
 from fusedopt.benchmarks.plot import plot_roofline
 
-SUITES = ("adamw", "lion", "adam8bit", "muon")
+SUITES = ("adamw", "lion", "adam8bit", "muon", "gram")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,16 +13,29 @@ from __future__ import annotations
 import torch
 
 import fusedopt
-from fusedopt.benchmarks.harness import Impl
+from fusedopt.benchmarks.harness import Impl, Missing
 
 NAME = "muon"
 HYPER = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
 NS_STEPS = 5
 SIZES = {"cpu": [], "cuda": []}  # not used: the cases are matrix sets (see cases)
 
+SYMMETRIC = "fusedopt Muon, ns_kernel='symmetric'"
+
+
+def _symmetric_muon(params):
+    if params[0].device.type != "cuda":
+        raise Missing("missing (CUDA only)")
+    return fusedopt.Muon(params, ns_kernel="symmetric", **HYPER)
+
+
 GROUPS = [
     [
         Impl("fusedopt Muon", torch.float32, "fp32 p,g,m; bf16 NS", None, lambda ps: fusedopt.Muon(ps, **HYPER), True),
+        Impl("torch.optim.Muon", torch.float32, "fp32 p,g,m; bf16 NS", None, lambda ps: torch.optim.Muon(ps, **HYPER)),
+    ],
+    [
+        Impl(SYMMETRIC, torch.float32, "fp32 p,g,m; bf16 NS", None, _symmetric_muon, True),
         Impl("torch.optim.Muon", torch.float32, "fp32 p,g,m; bf16 NS", None, lambda ps: torch.optim.Muon(ps, **HYPER)),
     ],
 ]
@@ -53,6 +66,8 @@ def check(impl_name: str, device: str) -> str | None:
     """Two steps of `impl` vs torch.optim.Muon from the same values; None if ok. Both orthogonalize
     in bf16 (the batched and per-matrix products round differently), so params may differ by about
     1% of the distance they moved (tests/test_muon.py measures 0.3-0.4%); 2% is allowed."""
+    if impl_name == SYMMETRIC and device != "cuda":
+        return None  # the rows report 'missing (CUDA only)'
     torch.manual_seed(0)
     shapes = [(96, 32), (96, 32), (32, 32), (48, 80)]
     params = [torch.randn(s, device=device) for s in shapes]

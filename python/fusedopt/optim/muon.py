@@ -52,6 +52,10 @@ class Muon(FusedOptimizer):
       (Polar Express with its 1.02 norm safety factor). Iteration t uses entry
       min(t, len - 1); ``ns_coefficients`` is then unused.
     - ``1 <= ns_steps < 100`` and ``0 <= momentum < 1`` are enforced.
+    - ``ns_kernel`` (keyword only): ``'torch'`` (default) runs NS as torch bmm/baddbmm;
+      ``'symmetric'`` (CUDA params) computes X X^T and b A + c A A with fusedopt's kernel that
+      does only the upper-triangle tiles (csrc/cuda/symmetric_gram.cu). Not yet the default: it
+      has not been timed on a GPU.
 
     Per group and matrix shape, one native pass pair does the momentum step, the fp32 norm and the
     bf16 cast of every matrix's Newton-Schulz input, one batched NS runs, and one native pass
@@ -75,6 +79,7 @@ class Muon(FusedOptimizer):
         adjust_lr_fn: str | None = None,
         *,
         ns_schedule=None,
+        ns_kernel: str = "torch",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -86,6 +91,7 @@ class Muon(FusedOptimizer):
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
             ns_schedule=ns_schedule,
+            ns_kernel=ns_kernel,
         )
         self._check_hyper(defaults, "defaults")
         super().__init__(params, defaults)
@@ -105,6 +111,7 @@ class Muon(FusedOptimizer):
             raise ValueError(f"{self._who}: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {g['adjust_lr_fn']!r} in {where}")
         try:
             self._schedule(g)
+            ns.check_kernel(g.get("ns_kernel", "torch"))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{self._who}: {e} (in {where})") from None
 
@@ -131,6 +138,9 @@ class Muon(FusedOptimizer):
                         "matrices (ndim >= 2). Biases, norms and scalars (and embeddings/heads) belong to "
                         "AdamW: use fusedopt.MuonWithAdamW(model, ...) to route them."
                     )
+                if group.get("ns_kernel", "torch") == "symmetric" and p.device.type != "cuda":
+                    raise ValueError(f"{self._who}: param {k} of {where} is on {p.device}; ns_kernel='symmetric' "
+                                     "is fusedopt's CUDA kernel: use ns_kernel='torch' for CPU params")
 
     # --- state -----------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -175,7 +185,7 @@ class Muon(FusedOptimizer):
         x = torch.empty((len(items), rows, cols), dtype=torch.bfloat16, device=params[0].device)
         muon_prepare_(grads, bufs, list(x.unbind(0)), momentum=group["momentum"], nesterov=group["nesterov"],
                       eps=group["eps"], safety=safety)
-        o = ns.iterate(x, sched)
+        o = ns.iterate(x, sched, group.get("ns_kernel", "torch"))
         o = o if o.is_contiguous() else o.contiguous()  # tall matrices come back transposed
         muon_apply_(params, list(o.unbind(0)), lr=group["lr"], weight_decay=group["weight_decay"],
                     lr_factor=lr_factor(group["adjust_lr_fn"], rows, cols))
@@ -190,7 +200,8 @@ class Muon(FusedOptimizer):
             buf.lerp_(g, 1 - mom)
             u = g.lerp(buf, mom) if group["nesterov"] else buf  # u may be the buffer itself: NS only reads it
             updates.append(u.reshape(u.shape[0], -1))
-        outs = ns.orthogonalize(updates, coefficients=sched, steps=len(sched), eps=group["eps"], safety=safety)
+        outs = ns.orthogonalize(updates, coefficients=sched, steps=len(sched), eps=group["eps"], safety=safety,
+                                kernel=group.get("ns_kernel", "torch"))
         for (p, _), o in zip(pairs, outs):
             p.mul_(1 - lr * wd)  # decoupled decay with the un-adjusted lr, as every reference
             p.add_(o.reshape(p.shape), alpha=-lr * lr_factor(group["adjust_lr_fn"], *o.shape))
