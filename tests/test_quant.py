@@ -169,3 +169,24 @@ def test_non_finite_or_negative_input_is_refused():
         quant.quantize_blockwise(torch.tensor([1.0, -1.0]), False)
     with pytest.raises(ValueError, match="absmax"):
         quant.dequantize_blockwise(torch.zeros(300, dtype=torch.uint8), torch.ones(1), True)
+
+
+def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_tier():
+    """The unsigned map has no negative code: below the Python checks (which refuse such input),
+    the native rounding sends x < 0 to the zero code, never wrapping to 255, in every ISA tier."""
+    from fusedopt._ext import lib
+    x = torch.cat([-torch.rand(300), torch.rand(300)])
+    qm = quant.quant_map(False)
+    results = []
+    for tier in ("baseline", "avx2", "avx512"):
+        lib().set_cpu_isa_limit(tier)
+        try:
+            codes = torch.empty(x.numel(), dtype=torch.uint8)
+            absmax = torch.empty(quant.num_blocks(x.numel()))
+            lib().quantize_blockwise(x.data_ptr(), x.numel(), qm.data_ptr(), codes.data_ptr(), absmax.data_ptr(), 1)
+            results.append(codes)
+        finally:
+            lib().set_cpu_isa_limit("avx512")
+    for codes in results:
+        assert bool((codes[:300] == quant.UNSIGNED_ZERO_CODE).all())
+        assert torch.equal(codes, results[0])

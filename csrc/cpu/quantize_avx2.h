@@ -67,8 +67,10 @@ FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, _
   c = _mm256_sub_epi32(c, _mm256_cmpgt_epi32(key, _mm256_sub_epi32(next, one)));
   // keep_sign
   const __m256i at_zero = _mm256_cmpeq_epi32(c, _mm256_set1_epi32(q.zero_code));
-  const __m256i pos = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
-  const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+  const __m256i up = _mm256_set1_epi32(q.zero_code < kQuantMapSize - 1 ? -1 : 0);  // a code above zero exists
+  const __m256i down = _mm256_set1_epi32(q.zero_code > 0 ? -1 : 0);                 // a code below zero exists
+  const __m256i pos = _mm256_and_si256(up, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)));
+  const __m256i neg = _mm256_and_si256(down, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)));
   c = _mm256_sub_epi32(c, _mm256_and_si256(at_zero, pos));
   return _mm256_add_epi32(c, _mm256_and_si256(at_zero, neg));
 }

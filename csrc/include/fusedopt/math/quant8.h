@@ -114,9 +114,10 @@ FUSEDOPT_HD int nearest_code(const QuantMap& q, float y) {
 //    1/sqrt(1 - beta2) times too far (30x at 0.999); measured, such elements made a 64K-element
 //    AdamW8bit run travel 4x as far as AdamW. (Li et al. 2023, "Memory Efficient Optimizers with
 //    4-bit States", drop zero from v's map for this reason.)
+//    A map with no code of x's sign (x < 0 in the unsigned map) keeps the zero code: the nearest.
 FUSEDOPT_HD int keep_sign(int zero_code, float x, int c) {
-  c = (x > 0.0f && c == zero_code) ? c + 1 : c;
-  return (x < 0.0f && c == zero_code) ? c - 1 : c;
+  c = (x > 0.0f && c == zero_code && zero_code < kQuantMapSize - 1) ? c + 1 : c;
+  return (x < 0.0f && c == zero_code && zero_code > 0) ? c - 1 : c;
 }
 
 // The code of x in a block whose 1 / absmax is inv (see inv_absmax).
