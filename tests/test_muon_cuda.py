@@ -44,7 +44,29 @@ def test_cuda_agrees_with_the_cpu_backend(dtype, nesterov):
 
 
 def test_cuda_lr_tensor_is_read_in_the_kernel():
-    _, a, _ = _run("cuda", torch.float32, lr=0.02)
-    _, b, _ = _run("cuda", torch.float32, lr=torch.tensor(0.02, device="cuda"))
-    torch.cuda.synchronize()
+    """A CUDA lr tensor gives the float lr's result, the step makes no host sync (reading the
+    tensor back would raise under the sync debug mode), and a change in place reaches the next step."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g).cuda() for s in SHAPES]
+    grads = [torch.randn(s, generator=g).cuda() for s in SHAPES]
+
+    def run(lr):
+        ps = [t.clone().requires_grad_() for t in init]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        opt = fusedopt.Muon(ps, lr=lr, weight_decay=0.1)
+        opt.step()  # state allocation
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return ps, opt
+
+    a, _ = run(0.02)
+    b, opt = run(torch.tensor(0.02, device="cuda"))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    before = [p.detach().clone() for p in b]
+    opt.param_groups[0]["lr"].zero_()  # lr 0: no update and no decay (decay is lr * weight_decay)
+    opt.step()
+    assert all(torch.equal(x, p) for x, p in zip(before, b))

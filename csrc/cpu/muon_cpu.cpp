@@ -33,11 +33,7 @@ FUSEDOPT_CPU_KERNEL inline void cast_pass(const TensorLists& l, const cpu::WorkI
   const S* __restrict__ buf = reinterpret_cast<const S*>(l.ptrs[kMuonBuffer][w.tensor]);
   bf16_t* __restrict__ out = reinterpret_cast<bf16_t*>(l.ptrs[kMuonOut][w.tensor]);
   for (int64_t i = w.begin; i < w.end; ++i) {
-    // u again from g and the updated buffer (cheaper than storing it): nesterov's lerp(g, buf, m)
-    const float gs = to_float(from_float<S>(load_float(g, i) * s.grad_mul));
-    const float bf = load_float(buf, i);
-    const float u = s.nesterov ? to_float(from_float<S>(math::lerp_fma(gs, bf, s.momentum))) : bf;
-    store_float(out, i, u / divisor);
+    store_float(out, i, math::muon_update_direction<S>(load_float(g, i), load_float(buf, i), s) / divisor);
   }
 }
 

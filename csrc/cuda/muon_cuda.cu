@@ -82,10 +82,7 @@ __global__ void __launch_bounds__(kBlockSize)
     const S* buf = static_cast<const S*>(meta.ptrs[kMuonBuffer][t]) + start;
     bf16_t* out = static_cast<bf16_t*>(meta.ptrs[kMuonOut][t]) + start;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const float gs = to_float(from_float<S>(load_float(g, i) * s.grad_mul));
-      const float bf = load_float(buf, i);
-      const float u = s.nesterov ? to_float(from_float<S>(math::lerp_fma(gs, bf, s.momentum))) : bf;
-      store_float(out, i, u / divisor);
+      store_float(out, i, math::muon_update_direction<S>(load_float(g, i), load_float(buf, i), s) / divisor);
     }
   });
 }

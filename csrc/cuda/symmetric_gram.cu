@@ -175,7 +175,8 @@ void symmetric_gram_cuda(const GramLaunch& L) {
     throw std::invalid_argument("fusedopt.symmetric_gram: " + std::to_string(L.batch) + " matrices of " +
                                 std::to_string(L.rows) + " rows exceed one launch (at most 65535 matrices)");
   }
-  GramArgs args{reinterpret_cast<const __nv_bfloat16*>(L.x), reinterpret_cast<const __nv_bfloat16*>(L.c),
+  const uintptr_t c = L.beta != 0.0f ? L.c : 0;  // as baddbmm: beta = 0 ignores C, inf and NaN included
+  GramArgs args{reinterpret_cast<const __nv_bfloat16*>(L.x), reinterpret_cast<const __nv_bfloat16*>(c),
                 reinterpret_cast<__nv_bfloat16*>(L.out), L.rows, L.cols, L.alpha, L.beta, int(tiles),
                 L.cols % 8 == 0 && L.x % 16 == 0};
   const auto stream = reinterpret_cast<cudaStream_t>(L.stream);

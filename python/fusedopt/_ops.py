@@ -196,7 +196,7 @@ def symmetric_gram(x: torch.Tensor, c: torch.Tensor | None = None, *, alpha: flo
         raise ValueError(f"symmetric_gram: c must be a {(b, m, m)} bfloat16 tensor on {x.device}, got "
                          f"{tuple(c.shape)} {c.dtype} on {c.device}")
     x = x.contiguous()
-    c = None if c is None or beta == 0 else c.contiguous()  # as baddbmm: beta=0 ignores c (inf/NaN too)
+    c = None if c is None else c.contiguous()
     out = torch.empty((b, m, m), dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device), nvtx_range("fusedopt.symmetric_gram", x.device):
         lib().symmetric_gram(x.data_ptr(), 0 if c is None else c.data_ptr(), out.data_ptr(), b, m, n,

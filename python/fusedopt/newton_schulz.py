@@ -113,39 +113,30 @@ def iterate(x: torch.Tensor, schedule: Sequence[Triple], kernel: str = "torch") 
         x = x.mT
     shape = x.shape
     x = x.reshape(-1, shape[-2], shape[-1])
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        x = _iterate_cpu_16bit(x, schedule)
-        x = x.reshape(shape)
-        return x.mT if tall else x
+    # CPU 16-bit matrices: each product is an fp32 GEMM on the 16-bit values, rounded back to 16
+    # bits. That is the bf16 GEMM's own arithmetic (products of 8- or 11-bit mantissas are exact in
+    # fp32, sums are fp32, one rounding per result; only the summation order differs), but CPU bf16
+    # GEMMs without AVX512-BF16 ran 7-75x slower than fp32 ones (measured on a Zen 3 core: batch of
+    # 8 x 512^3, 1.6 s vs 22 ms).
+    dtype = x.dtype
+    via_fp32 = x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).float() if via_fp32 else t
+
+    if via_fp32:
+        x = x.float()
     for a, b, c in schedule:
         if kernel == "symmetric":
             gram = symmetric_gram(x)
             poly = symmetric_gram(gram, gram, alpha=c, beta=b)  # A A = A A^T: A is exactly symmetric
         else:
-            gram = torch.bmm(x, x.mT)
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
-        x = torch.baddbmm(x, poly, x, beta=a)  # a*X + B@X
+            gram = rounded(torch.bmm(x, x.mT))
+            poly = rounded(torch.baddbmm(gram, gram, gram, beta=b, alpha=c))  # b*A + c*A@A
+        x = rounded(torch.baddbmm(x, poly, x, beta=a))  # a*X + B@X
+    x = x.to(dtype)
     x = x.reshape(shape)
     return x.mT if tall else x
-
-
-def _iterate_cpu_16bit(x: torch.Tensor, schedule: Sequence[Triple]) -> torch.Tensor:
-    """The same iteration for 16-bit matrices on the CPU, with each product computed by an fp32 GEMM
-    on the 16-bit values and rounded back to 16 bits. That is the bf16 GEMM's own arithmetic (the
-    products of 8- or 11-bit mantissas are exact in fp32, the sums are fp32, one rounding per
-    result; only the summation order differs), but CPU bf16 GEMMs without AVX512-BF16 ran 7-75x
-    slower than fp32 ones (measured on a Zen 3 core: 512x512x512 batch of 8, 1.6 s vs 22 ms)."""
-    dtype = x.dtype
-
-    def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).float()
-
-    xf = x.float()
-    for a, b, c in schedule:
-        gram = rounded(torch.bmm(xf, xf.mT))
-        poly = rounded(torch.baddbmm(gram, gram, gram, beta=b, alpha=c))
-        xf = rounded(torch.baddbmm(xf, poly, xf, beta=a))
-    return xf.to(dtype)
 
 
 def orthogonalize(mats: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:

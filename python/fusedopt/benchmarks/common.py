@@ -43,7 +43,7 @@ def _pick_reps(one_ms: float, target_s: float, min_reps: int, max_reps: int) -> 
 def _timed(fn, device: str, warmup: int, target_s: float, min_reps: int, max_reps: int) -> Timing:
     for _ in range(warmup):
         fn()
-    one_ms = statistics.median(sample_ms(fn, device, 1))
+    one_ms = sample_ms(fn, device, 1)[0]
     return _summarize(sample_ms(fn, device, _pick_reps(one_ms, target_s, min_reps, max_reps)))
 
 

@@ -155,13 +155,18 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"{where}: grad is on {g.device}, param on {p.device}")
         raise RuntimeError(f"{where} is a non-dense view (strides {p.stride()}); pass a contiguous tensor")
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _graph_capture_check(self) -> None:
+        """torch.optim's check before a CUDA-graph-captured step (capturable=False refused, ...),
+        under either of the names torch releases give it."""
         check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
             self, "_cuda_graph_capture_health_check", None
         )
         if check is not None:
             check()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._graph_capture_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -340,10 +340,7 @@ class MuonWithAdamW(Optimizer):
                 c._validate_group(g, i, at_step=True)
                 c._grads_of(g, i)
         if self.adamw is not None:  # what FusedOptimizer.step checks before a CUDA-graph capture
-            check = getattr(self.adamw, "_accelerator_graph_capture_health_check", None) or getattr(
-                self.adamw, "_cuda_graph_capture_health_check", None)
-            if check is not None:
-                check()
+            self.adamw._graph_capture_check()
         for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer
             c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         return loss

@@ -39,6 +39,14 @@ FUSEDOPT_HD float muon_momentum(float g, float& buf, const MuonScalars& s) {
   return s.nesterov ? nesterov_u : buf;
 }
 
+// The u that muon_momentum returned, from g and the buffer it left (the cast pass recomputes u:
+// cheaper than storing it).
+template <typename S>
+FUSEDOPT_HD float muon_update_direction(float g, float buf, const MuonScalars& s) {
+  const float gs = to_float(from_float<S>(g * s.grad_mul));
+  return s.nesterov ? to_float(from_float<S>(lerp_fma(gs, buf, s.momentum))) : buf;
+}
+
 // The divisor of a matrix's normalization from the sum of its squares (accumulated in double:
 // no underflow at ||U|| = 1e-20, no overflow at 1e30, in fp32 terms).
 FUSEDOPT_HD float muon_divisor(double sum_squares, double safety, double eps) {

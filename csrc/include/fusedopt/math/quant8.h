@@ -8,6 +8,10 @@
 // Quantizing rounds x / absmax to the nearest map entry (a tie goes to the smaller entry), except
 // that a nonzero x never rounds to 0 or across it (part 3 below). Both maps hold 0 and 1 exactly,
 // the signed one -1 too, so a block's largest element and zeros round-trip exactly.
+//
+// cpu/quantize_avx2.h transcribes clamp_to_map, search_bucket, search_key, nearest_code and
+// keep_sign lane by lane in AVX2 intrinsics: change them together (tests/test_quant.py and
+// tests/test_cpu_isa.py compare the two bitwise).
 #pragma once
 
 #include <cmath>
@@ -56,8 +60,8 @@ inline int nearest_code_reference(const float* map, float y) {
 //    bucket; buckets are even in log scale, as the dynamic maps are, so within one bucket the
 //    nearest code changes at most once. A bucket is one 32-bit word: the nearest code at the
 //    bucket's smallest y, and where in the bucket the next code begins, as the low mantissa bits
-//    that the bucket leaves free. A code is then one table load and one integer compare (one
-//    gather per 8 elements on AVX2), where a bisection over 256 entries is eight dependent loads.
+//    that the bucket leaves free. A code is then one table load and one integer compare, where
+//    a bisection over 256 entries is eight dependent loads.
 constexpr int kSearchMantissaBits = 7;
 constexpr int kSearchBinades = 24;  // |y| in [2^-24, 1] is bucketed; smaller |y| share bucket 0
 constexpr int kSearchBucketsPerSign = (kSearchBinades + 1) << kSearchMantissaBits;
