@@ -6,6 +6,21 @@ from fusedopt import quant
 from reference import block_absmax, reference_quantize
 
 SMAP, UMAP = quant.dynamic_map(True), quant.dynamic_map(False)
+TIERS = ("baseline", "avx2", "avx512")
+
+
+@pytest.fixture(params=TIERS)
+def tier(request):
+    """Runs the test with the CPU loops capped at one instruction set (each has its own
+    quantizer: the scalar loop, cpu/quantize_avx2.h, cpu/quantize_avx512.h)."""
+    from fusedopt._ext import lib
+    lib().set_cpu_isa_limit(request.param)
+    try:
+        if lib().cpu_isa() != request.param:
+            pytest.skip(f"this CPU cannot run the {request.param} tier")
+        yield request.param
+    finally:
+        lib().set_cpu_isa_limit("avx512")
 
 
 def _bnb_dynamic_map(signed):
@@ -68,7 +83,7 @@ def _hard_inputs(q):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_table_search_equals_reference_at_every_edge(signed):
+def test_table_search_equals_reference_at_every_edge(signed, tier):
     q = quant.dynamic_map(signed)
     y = _hard_inputs(q)
     if not signed:
@@ -83,7 +98,7 @@ def test_table_search_equals_reference_at_every_edge(signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 5000, 70001])
-def test_native_quantizer_equals_torch_reference_bitwise(signed, n):
+def test_native_quantizer_equals_torch_reference_bitwise(signed, n, tier):
     x = _data(n)
     if not signed:
         x = x.abs()

@@ -40,7 +40,7 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
     const int64_t b = b0 / B;
     const int len = int(std::min<int64_t>(B, end - b0));
     for (int j = 0; j < K; ++j) {
-      dequantize_block<I>(maps[j]->values, codes[j] + b0, len, absmax[j][b], m[j]);
+      dequantize_block<I>(*maps[j], codes[j] + b0, len, absmax[j][b], m[j]);
     }
     for (int k = 0; k < len; ++k) {
       const int64_t i = b0 + k;

@@ -43,7 +43,7 @@ void dequantize_blockwise_cpu(uintptr_t codes, uintptr_t absmax, int64_t n, uint
                               int num_threads) {
   const uint8_t* c = reinterpret_cast<const uint8_t*>(codes);
   const float* a = reinterpret_cast<const float*>(absmax);
-  const float* q = reinterpret_cast<const math::QuantMap*>(map)->values;
+  const math::QuantMap& q = *reinterpret_cast<const math::QuantMap*>(map);
   float* y = reinterpret_cast<float*>(dst);
   cpu::parallel_over_chunks(std::vector<int64_t>{n}, num_threads, [&](const cpu::WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
     for (int64_t b0 = w.begin; b0 < w.end; b0 += kQuantBlock) {

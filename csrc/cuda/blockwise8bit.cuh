@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kBlockSize)
   constexpr int kPerLane = math::kQuantBlock / kWarpSize;  // elements of one quantization block per lane
   if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;
   // Dequantizing gathers from the 256 values: shared memory. Quantizing reads the search table
-  // (38 KB a map, too large to stage per block) from global memory, where its hot buckets stay
+  // (27 KB a map, too large to stage per block) from global memory, where its hot buckets stay
   // in L1.
   __shared__ float values[K][math::kQuantMapSize];
   for (int j = 0; j < K; ++j) {

@@ -9,9 +9,9 @@
 // that a nonzero x never rounds to 0 or across it (part 3 below). Both maps hold 0 and 1 exactly,
 // the signed one -1 too, so a block's largest element and zeros round-trip exactly.
 //
-// cpu/quantize_avx2.h transcribes clamp_to_map, search_bucket, search_key, nearest_code and
-// keep_sign lane by lane in AVX2 intrinsics: change them together (tests/test_quant.py and
-// tests/test_cpu_isa.py compare the two bitwise).
+// cpu/quantize_avx2.h and cpu/quantize_avx512.h transcribe clamp_to_map, search_bucket,
+// search_key, nearest_code and keep_sign lane by lane in intrinsics: change them together
+// (tests/test_quant.py and tests/test_cpu_isa.py compare them bitwise).
 #pragma once
 
 #include <cmath>
@@ -77,6 +77,9 @@ struct QuantMap {
   float values[kQuantMapSize];
   int32_t zero_code;                 // values[zero_code] == 0
   uint32_t bucket[kSearchBuckets];   // nearest code at the bucket's start | next code's key << 8
+  // values[c]'s bits as four bytes (value_bytes[j][c] = bits >> 8j): 64 codes are dequantized by
+  // byte permutes from registers on AVX-512 VBMI (cpu/quantize_avx512.h).
+  uint8_t value_bytes[4][kQuantMapSize];
 };
 
 // |y| <= 1 -> bucket in [0, kSearchBucketsPerSign), non-decreasing in |y|: the binade and top
@@ -135,6 +138,7 @@ inline bool build_quant_map(const float* values, QuantMap* q) {
   q->zero_code = -1;
   for (int c = 0; c < kQuantMapSize; ++c) {
     q->values[c] = values[c];
+    for (int j = 0; j < 4; ++j) q->value_bytes[j][c] = uint8_t(float_bits(values[c]) >> (8 * j));
     if (values[c] == 0.0f) q->zero_code = c;
     if (c > 0 && !(values[c - 1] < values[c])) return false;
   }

@@ -1,0 +1,117 @@
+// math/quant8.h's quantize (16 floats at a time) and dequantize (64 at a time, with VBMI) in
+// AVX-512 intrinsics, for the AVX-512 tier. The quantizer's table lookup is one vpgatherdd where
+// AVX2 moves each lane through a general register. Every operation computes math/quant8.h's
+// result lane by lane, so the codes and values are bitwise those of the baseline loop
+// (tests/test_cpu_isa.py and tests/test_quant.py check).
+#pragma once
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "fusedopt/math/quant8.h"
+
+namespace fusedopt {
+namespace cpu {
+
+#define FUSEDOPT_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
+#define FUSEDOPT_AVX512_INLINE __attribute__((target(FUSEDOPT_AVX512_TARGET), always_inline)) inline
+// Real calls, one per block, for the reason given in cpu/quantize_avx2.h.
+#define FUSEDOPT_AVX512_CALL __attribute__((target(FUSEDOPT_AVX512_TARGET))) inline
+
+// The codes (as int32 lanes) of 16 moments x in a block whose 1 / absmax is inv: math::quantize.
+// Fewer vector ops than a lane-by-lane copy of the scalar steps (the loop is bound by the two
+// 512-bit ALU ports, not by the gather): saturating 16-bit subtraction clamps the bucket at 0,
+// and the sign's complement is taken before the shift that extracts it.
+FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512 x, __m512 inv) {
+  using namespace math;
+  __m512 y = _mm512_mul_ps(x, inv);
+  // clamp_to_map: maxps/minps return their second operand for NaN, as the selects do.
+  y = _mm512_max_ps(y, _mm512_set1_ps(q.values[0]));
+  y = _mm512_min_ps(y, _mm512_set1_ps(q.values[kQuantMapSize - 1]));
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i sign = _mm512_srai_epi32(bits, 31);
+  // search_bucket - kSearchBucketsPerSign: magnitude_bucket u in the high half (as |y|'s top 16
+  // bits minus the bias, floored at 0), complemented for negative y, shifted down with its sign.
+  __m512i u = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff0000));
+  u = _mm512_subs_epu16(u, _mm512_set1_epi32(int(kSearchExponentBias << (kSearchMantissaBits + 16))));
+  const __m512i bucket = _mm512_srai_epi32(_mm512_xor_si512(u, sign), 16);
+  static_assert(kSearchLowBits == 16, "the bucket is |y|'s high half");
+  // nearest_code: first code + (search_key >= next key)
+  const __m512i e =
+      _mm512_i32gather_epi32(bucket, reinterpret_cast<const int*>(q.bucket + kSearchBucketsPerSign), 4);
+  const __m512i key = _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(int(kSearchLowMask)), 0x28);  // (a^b)&c
+  __m512i c = _mm512_and_si512(e, _mm512_set1_epi32(0xff));
+  c = _mm512_mask_add_epi32(c, _mm512_cmpge_epu32_mask(key, _mm512_srli_epi32(e, 8)), c, _mm512_set1_epi32(1));
+  // keep_sign: a nonzero x at the zero code moves one code toward its sign, where one exists.
+  const __mmask16 fix = _mm512_mask_cmp_ps_mask(_mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(q.zero_code)), x,
+                                                _mm512_setzero_ps(), _CMP_NEQ_OQ);
+  const __m512i step = _mm512_mask_blend_epi32(_mm512_movepi32_mask(_mm512_castps_si512(x)),
+                                               _mm512_set1_epi32(q.zero_code < kQuantMapSize - 1 ? 1 : 0),
+                                               _mm512_set1_epi32(q.zero_code > 0 ? -1 : 0));
+  return _mm512_mask_add_epi32(c, fix, c, step);
+}
+
+// quantize16_avx512 over the first len - len % 64 elements; returns how many it did.
+FUSEDOPT_AVX512_CALL int quantize_block_avx512(const math::QuantMap& q, const float* x, int len, float inv,
+                                               uint8_t* codes) {
+  const __m512 inv16 = _mm512_set1_ps(inv);
+  // The packs work per 128-bit lane: lane L of the bytes holds 4 codes of each of c0..c3, in order.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int k = 0;
+  for (; k + 64 <= len; k += 64) {
+    const __m512i c0 = quantize16_avx512(q, _mm512_loadu_ps(x + k), inv16);
+    const __m512i c1 = quantize16_avx512(q, _mm512_loadu_ps(x + k + 16), inv16);
+    const __m512i c2 = quantize16_avx512(q, _mm512_loadu_ps(x + k + 32), inv16);
+    const __m512i c3 = quantize16_avx512(q, _mm512_loadu_ps(x + k + 48), inv16);
+    const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+    _mm512_storeu_si512(codes + k, _mm512_permutexvar_epi32(order, packed));
+  }
+  return k;
+}
+
+inline bool has_avx512_vbmi() {
+  static const bool yes = __builtin_cpu_supports("avx512vbmi");
+  return yes;
+}
+
+// out[k] = values[codes[k]] * absmax for the first len - len % 64 elements, with AVX-512 VBMI;
+// returns how many it did. Each of a value's 4 bytes comes from its own 256-byte table
+// (QuantMap::value_bytes, 4 registers) by two 128-entry byte permutes, and unpacks put the
+// bytes together: 64 values in about 30 ops, where a gather is 16 loads per 16.
+__attribute__((target(FUSEDOPT_AVX512_TARGET ",avx512vbmi"))) inline int dequantize_block_avx512_vbmi(
+    const math::QuantMap& q, const uint8_t* codes, int len, float absmax, float* out) {
+  const __m512 scale = _mm512_set1_ps(absmax);
+  __m512i table[4][4];
+  for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < 4; ++i) table[j][i] = _mm512_loadu_si512(q.value_bytes[j] + 64 * i);
+  }
+  // The unpacks below put source byte 16L + 4r + d (128-bit lane L) into output register r,
+  // lane L, dword d, which is element 16r + 4L + d: the codes are first permuted to match.
+  alignas(64) static constexpr uint8_t kOrder[64] = {
+      0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+      8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  const __m512i order = _mm512_load_si512(kOrder);
+  int k = 0;
+  for (; k + 64 <= len; k += 64) {
+    const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + k));
+    const __mmask64 high = _mm512_movepi8_mask(c);  // code >= 128
+    __m512i b[4];
+    for (int j = 0; j < 4; ++j) {
+      b[j] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table[j][0], c, table[j][1]),
+                                    _mm512_permutex2var_epi8(table[j][2], c, table[j][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i v[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                          _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    for (int r = 0; r < 4; ++r) _mm512_storeu_ps(out + k + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(v[r]), scale));
+  }
+  return k;
+}
+
+}  // namespace cpu
+}  // namespace fusedopt
+
+#endif  // __x86_64__
