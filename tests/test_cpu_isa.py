@@ -81,7 +81,7 @@ def test_muon_elementwise_passes_give_the_same_bits_on_every_instruction_set(isa
     for tier in _tiers():
         isa(tier)
         g = torch.Generator().manual_seed(0)
-        ps = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(64, 96), (64, 96), (130, 40)]]
+        ps = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(64, 96), (64, 96), (130, 40), (33, 47)]]
         opt = fusedopt.Muon(ps, lr=0.02, weight_decay=0.1)
         for _ in range(3):
             for p in ps:

@@ -12,17 +12,31 @@
 namespace fusedopt {
 namespace {
 
+// The sum of squares runs in kSumLanes accumulators (element i into lane (i - begin) % kSumLanes),
+// added in lane order at the end: one serial chain of double adds was latency-bound at about 4
+// cycles per element (a third of a Muon step on a Sapphire-Rapids-class core), while independent
+// lanes vectorize. The order is fixed by the code, so every instruction set gives the same bits.
+constexpr int kSumLanes = 16;
+
 template <typename S, typename G>
 FUSEDOPT_CPU_KERNEL inline double momentum_pass(const TensorLists& l, const cpu::WorkItem& w, const math::MuonScalars& s) {
   const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][w.tensor]);
   S* __restrict__ buf = reinterpret_cast<S*>(l.ptrs[kMuonBuffer][w.tensor]);
-  double sum = 0.0;  // in double: no underflow of u^2 at |u| = 1e-22, no overflow at 1e30
-  for (int64_t i = w.begin; i < w.end; ++i) {
+  // in double: no underflow of u^2 at |u| = 1e-22, no overflow at 1e30
+  double lane[kSumLanes] = {};
+  auto step = [&](int64_t i) FUSEDOPT_CPU_KERNEL {
     float bf = load_float(buf, i);
     const float u = math::muon_momentum<S>(load_float(g, i), bf, s);
     store_float(buf, i, bf);
-    sum += double(u) * double(u);
+    return double(u) * double(u);
+  };
+  int64_t i = w.begin;
+  for (; i + kSumLanes <= w.end; i += kSumLanes) {
+    for (int k = 0; k < kSumLanes; ++k) lane[k] += step(i + k);
   }
+  for (int k = 0; i < w.end; ++i, ++k) lane[k] += step(i);
+  double sum = 0.0;
+  for (int k = 0; k < kSumLanes; ++k) sum += lane[k];
   return sum;
 }
 
