@@ -85,7 +85,8 @@ def reference_quantize(x, absmax, qmap, block=256):
     to the smaller), and a nonzero x never lands on 0 or the other sign.
     x: 1-D fp32; absmax: one per block. Returns int64 codes."""
     n = x.numel()
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax)).repeat_interleave(block)[:n]
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    inv = torch.where(torch.isinf(inv), torch.zeros_like(inv), inv).repeat_interleave(block)[:n]
     y = (x * inv).clamp(qmap[0].item(), qmap[-1].item())
     lo = (torch.searchsorted(qmap, y, right=True) - 1).clamp(0, qmap.numel() - 1)
     hi = (lo + 1).clamp(max=qmap.numel() - 1)

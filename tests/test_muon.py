@@ -37,6 +37,15 @@ def test_quintic_singular_values_in_band(dtype, shape):
     assert 0.5 <= lo and hi <= 1.5
 
 
+def test_cpu_16bit_matmul_probe(monkeypatch):
+    assert ns.cpu_has_16bit_matmul(torch.float32) and ns.cpu_has_16bit_matmul(torch.float64)
+    with monkeypatch.context() as m:  # torch's 16-bit GEMMs without oneDNN are its slow loops
+        m.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        assert not ns.cpu_has_16bit_matmul(torch.bfloat16) and not ns.cpu_has_16bit_matmul(torch.float16)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert not ns.cpu_has_16bit_matmul(torch.bfloat16)  # a torch without the probe: the fp32 path
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_16bit_products_via_fp32_match_native_16bit_gemms(dtype, monkeypatch):
     # The two CPU paths (newton_schulz.cpu_has_16bit_matmul) differ in summation order only, far

@@ -160,6 +160,24 @@ def test_extremes_zeros_and_all_zero_blocks_are_exact(signed):
     assert back[600].item() == 0.0 and back[700].item() == x[700].item()  # alone in its block: exact
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_denormal_absmax_keeps_zeros_and_signs(signed, tier):
+    # 1 / absmax overflows below 2.9e-39: such a block must not turn its zeros into NaN and -1.
+    x = torch.zeros(512)
+    x[:4] = torch.tensor([1e-40, 5e-41, -1e-41, 0.0])
+    x[256:259] = torch.tensor([4e-39, -1e-39, 1e-45])  # 1 / 4e-39 is finite: quantized normally
+    if not signed:
+        x = x.abs()
+    codes, absmax = quant.quantize_blockwise(x, signed)
+    assert torch.equal(codes.long(), reference_quantize(x, absmax, quant.dynamic_map(signed)))
+    zero = quant.zero_code(signed)
+    assert bool((codes[x == 0] == zero).all())
+    assert bool((codes[x > 0] > zero).all()) and bool((codes[x < 0] < zero).all())
+    back = quant.dequantize_blockwise(codes, absmax, signed)
+    assert bool(torch.isfinite(back).all()) and bool(((back - x).abs() <= absmax.repeat_interleave(256)).all())
+    assert back[256].item() == x[256].item()  # the normal block's largest element round-trips
+
+
 def test_signed_codes_keep_the_sign_of_tiny_values():
     x = torch.tensor([1.0, 1e-12, -1e-12, 3e-8, -3e-8, 0.0] + [0.5] * 250)
     codes, absmax = quant.quantize_blockwise(x, True)

@@ -101,17 +101,26 @@ def check_kernel(kernel: str, x: torch.Tensor | None = None) -> None:
 
 
 def cpu_has_16bit_matmul(dtype: torch.dtype) -> bool:
-    """Whether this CPU runs torch's GEMMs in dtype natively. Where it does not, a 16-bit product
-    is computed as an fp32 GEMM on the 16-bit values, rounded back to 16 bits: the 16-bit GEMM's
-    own arithmetic (products of 8- or 11-bit mantissas are exact in fp32, sums are fp32, one
-    rounding per result; only the summation order differs). Measured, batch of 8 x 512^3, 2 threads:
-    on a Zen 3 (no AVX512-BF16) a bf16 bmm took 1.6 s against 22 ms in fp32; on a Sapphire-Rapids
-    class Xeon (AVX512-BF16, AMX) 1.9 ms for bf16 and 7.1 ms for fp16 against 8.9 ms in fp32."""
+    """Whether torch's CPU GEMMs in dtype run on the CPU's own 16-bit instructions (through
+    oneDNN). Where they do not, a 16-bit product is computed as an fp32 GEMM on the 16-bit values,
+    rounded back to 16 bits: the 16-bit GEMM's own arithmetic (products of 8- or 11-bit mantissas
+    are exact in fp32, sums are fp32, one rounding per result; only the summation order differs).
+    Measured, batch of 8 x 512^3, 2 threads: on a Zen 3 (no AVX512-BF16) a bf16 bmm took 1.6 s
+    against 22 ms in fp32; on a Sapphire-Rapids-class Xeon 1.9 ms for bf16 (AMX) and 7.1 ms for
+    fp16 (AVX512-FP16) against 8.9 ms in fp32.
+
+    bf16 asks for AVX512-BF16 itself: oneDNN reports bf16 support on any AVX-512 CPU, where it
+    emulates it. The probes are torch's private ones; one that is missing counts as no."""
     if dtype not in (torch.bfloat16, torch.float16):
         return True
-    probe = "_is_avx512_bf16_supported" if dtype == torch.bfloat16 else "_is_amx_tile_supported"
-    check = getattr(torch.cpu, probe, None)  # private torch probes: absent means no fast path
-    return bool(check()) if check is not None else False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False  # without oneDNN, torch's 16-bit CPU GEMMs are its slow reference loops
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.cpu._is_avx512_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def iterate(x: torch.Tensor, schedule: Sequence[Triple], kernel: str = "torch") -> torch.Tensor:

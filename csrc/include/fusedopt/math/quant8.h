@@ -36,8 +36,14 @@ FUSEDOPT_HD float dequantize(const float* map, uint8_t code, float absmax) { ret
 // The 8-bit rules use it to keep non-finite moments out of a block (its absmax is shared).
 FUSEDOPT_HD bool is_finite(float x) { return fabsf(x) <= 3.402823466e+38f; }
 
-// 1 / absmax, or 0 for an all-zero block (then every element normalizes to 0 instead of NaN).
-FUSEDOPT_HD float inv_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+// 1 / absmax, or 0 for an all-zero block (then every element normalizes to 0 instead of NaN), and
+// 0 too where 1 / absmax overflows (absmax under 2.9e-39, a denormal): an inf would make a zero
+// element NaN and then -1. Such a block keeps its zeros and signs (keep_sign) and loses the rest,
+// all below 3e-39.
+FUSEDOPT_HD float inv_absmax(float absmax) {
+  const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+  return inv <= 3.402823466e+38f ? inv : 0.0f;
+}
 
 // Rounding x to a code: y = x * inv clamped to the map, then the nearest map entry (a tie, as the
 // float differences below judge it, goes to the smaller entry), then part 3's sign rule.
