@@ -223,3 +223,23 @@ def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_ever
     for codes in results:
         assert bool((codes[:300] == quant.UNSIGNED_ZERO_CODE).all())
         assert torch.equal(codes, results[0])
+
+
+def test_map_with_zero_as_its_top_code_on_every_tier(tier):
+    """A map of values in [-1, 0] (zero_code 255, no code above zero): positive x stays at the
+    zero code, negative x follows the nearest-entry rule, on every tier. (Only the raw entry point
+    takes such a map: the optimizers use the two dynamic maps.)"""
+    from fusedopt._ext import lib
+    values = -torch.flip(quant.dynamic_map(False), [0])
+    qm = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
+    lib().build_quant_map(values.data_ptr(), qm.data_ptr())
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([-torch.rand(700, generator=g) ** 3, torch.rand(300, generator=g), torch.zeros(24)])
+    x = x[torch.randperm(x.numel(), generator=g)]
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    absmax = torch.empty(quant.num_blocks(x.numel()))
+    lib().quantize_blockwise(x.data_ptr(), x.numel(), qm.data_ptr(), codes.data_ptr(),
+                             absmax.data_ptr(), 1)
+    expected = reference_quantize(x.clamp(max=0), absmax, values)  # x > 0 keeps the zero code, as x = 0
+    assert torch.equal(codes.long(), expected)
+    assert bool((codes[x >= 0] == 255).all())
