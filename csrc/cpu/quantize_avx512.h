@@ -12,6 +12,12 @@
 
 #include "fusedopt/math/quant8.h"
 
+// GCC 12 builds the unmasked AVX-512 intrinsics on an _mm512_undefined_* source and then warns,
+// at -O3, that it "may be used uninitialized" (hundreds of lines per file, all in its headers).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 namespace fusedopt {
 namespace cpu {
 
@@ -113,5 +119,7 @@ __attribute__((target(FUSEDOPT_AVX512_TARGET ",avx512vbmi"))) inline int dequant
 
 }  // namespace cpu
 }  // namespace fusedopt
+
+#pragma GCC diagnostic pop
 
 #endif  // __x86_64__
