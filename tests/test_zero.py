@@ -7,6 +7,7 @@ identical on every rank, as after DDP's all-reduce), train a sharded and an unsh
 side by side, and save what the parent asserts on."""
 import contextlib
 import copy
+import datetime
 import multiprocessing as mp
 import os
 import socket
@@ -62,13 +63,20 @@ def _train(m, opt, steps, seed, scaler=None, inf_at=None):
 
 
 def _worker(rank, world, port, out_dir, jobs):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A bounded timeout: a rank whose job raised never reaches the barrier below, and its peers
+    # must not wait there for gloo's default 30 minutes.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     try:
         results = {}
         for job in jobs:
             results[job] = globals()[f"_job_{job.split(':')[0]}"](rank, world, out_dir, *job.split(":")[1:])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank finishes before any tears gloo down: a rank that did so early once aborted a
+        # peer still in its last collective ("terminate called without an active exception",
+        # exit -6, after all ranks had saved their results; seen once in .ci/run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
