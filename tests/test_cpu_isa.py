@@ -5,6 +5,7 @@ import torch
 
 import fusedopt
 from fusedopt._ext import lib
+from conftest import CPU_TIERS
 
 OPTIMIZERS = {
     "AdamW": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
@@ -18,7 +19,7 @@ OPTIMIZERS = {
 def _tiers():
     seen = []
     try:
-        for name in ("baseline", "avx2", "avx512"):
+        for name in CPU_TIERS:
             lib().set_cpu_isa_limit(name)
             if lib().cpu_isa() == name:
                 seen.append(name)

@@ -6,21 +6,6 @@ from fusedopt import quant
 from reference import block_absmax, reference_quantize
 
 SMAP, UMAP = quant.dynamic_map(True), quant.dynamic_map(False)
-TIERS = ("baseline", "avx2", "avx512")
-
-
-@pytest.fixture(params=TIERS)
-def tier(request):
-    """Runs the test with the CPU loops capped at one instruction set (each has its own
-    quantizer: the scalar loop, cpu/quantize_avx2.h, cpu/quantize_avx512.h)."""
-    from fusedopt._ext import lib
-    lib().set_cpu_isa_limit(request.param)
-    try:
-        if lib().cpu_isa() != request.param:
-            pytest.skip(f"this CPU cannot run the {request.param} tier")
-        yield request.param
-    finally:
-        lib().set_cpu_isa_limit("avx512")
 
 
 def _bnb_dynamic_map(signed):
@@ -204,25 +189,17 @@ def test_non_finite_or_negative_input_is_refused():
         quant.dequantize_blockwise(torch.zeros(300, dtype=torch.uint8), torch.ones(1), True)
 
 
-def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_tier():
+def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_tier(tier):
     """The unsigned map has no negative code: below the Python checks (which refuse such input),
     the native rounding sends x < 0 to the zero code, never wrapping to 255, in every ISA tier."""
     from fusedopt._ext import lib
     x = torch.cat([-torch.rand(300), torch.rand(300)])
-    qm = quant.quant_map(False)
-    results = []
-    for tier in ("baseline", "avx2", "avx512"):
-        lib().set_cpu_isa_limit(tier)
-        try:
-            codes = torch.empty(x.numel(), dtype=torch.uint8)
-            absmax = torch.empty(quant.num_blocks(x.numel()))
-            lib().quantize_blockwise(x.data_ptr(), x.numel(), qm.data_ptr(), codes.data_ptr(), absmax.data_ptr(), 1)
-            results.append(codes)
-        finally:
-            lib().set_cpu_isa_limit("avx512")
-    for codes in results:
-        assert bool((codes[:300] == quant.UNSIGNED_ZERO_CODE).all())
-        assert torch.equal(codes, results[0])
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    absmax = torch.empty(quant.num_blocks(x.numel()))
+    lib().quantize_blockwise(x.data_ptr(), x.numel(), quant.quant_map(False).data_ptr(), codes.data_ptr(),
+                             absmax.data_ptr(), 1)
+    assert bool((codes[:300] == quant.UNSIGNED_ZERO_CODE).all())
+    assert torch.equal(codes.long(), reference_quantize(x.clamp(min=0), absmax, UMAP))  # x < 0 codes as x = 0
 
 
 def test_map_with_zero_as_its_top_code_on_every_tier(tier):

@@ -66,13 +66,18 @@ void run_item_baseline(const F& f, const WorkItem& w) {
 }
 
 #if defined(__x86_64__)
+// The instruction sets of the two x86 tiers, as target attributes: the tier's loops
+// (run_item_*) and its hand-written (de)quantizers (cpu/quantize_avx2.h, cpu/quantize_avx512.h).
+#define FUSEDOPT_TARGET_AVX2 "avx2,fma"
+#define FUSEDOPT_TARGET_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
+
 template <typename F>
-__attribute__((target("avx2,fma"))) void run_item_avx2(const F& f, const WorkItem& w) {
+__attribute__((target(FUSEDOPT_TARGET_AVX2))) void run_item_avx2(const F& f, const WorkItem& w) {
   call_item<Isa::kAvx2>(f, w);
 }
 
 template <typename F>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
+__attribute__((target(FUSEDOPT_TARGET_AVX512 ",prefer-vector-width=512")))
 void run_item_avx512(const F& f, const WorkItem& w) {
   call_item<Isa::kAvx512>(f, w);
 }
@@ -85,6 +90,12 @@ inline bool has_avx2_fma() {
 inline bool has_avx512() {
   static const bool yes = has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+// Within the AVX-512 tier, where the 8-bit dequantizer may use byte permutes.
+inline bool has_avx512_vbmi() {
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vbmi");
   return yes;
 }
 #endif

@@ -10,15 +10,16 @@
 
 #include <cstdint>
 
+#include "cpu/parallel.h"
 #include "fusedopt/math/quant8.h"
 
 namespace fusedopt {
 namespace cpu {
 
-#define FUSEDOPT_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#define FUSEDOPT_AVX2_INLINE __attribute__((target(FUSEDOPT_TARGET_AVX2), always_inline)) inline
 // The block entry points are real calls (one per block): a function without the AVX2 target
 // cannot inline one with it, even when it is itself inlined into an AVX2 caller later.
-#define FUSEDOPT_AVX2_CALL __attribute__((target("avx2,fma"))) inline
+#define FUSEDOPT_AVX2_CALL __attribute__((target(FUSEDOPT_TARGET_AVX2))) inline
 
 // Table lookups as scalar loads: on Zen 3 vpgatherdd/vgatherdps take 0.77 ns per element where
 // these take 0.48-0.51 (measured in isolation), and Intel parts with the GDS microcode fix gather

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cpu/parallel.h"
 #include "fusedopt/math/quant8.h"
 
 // GCC 12 builds the unmasked AVX-512 intrinsics on an _mm512_undefined_* source and then warns,
@@ -21,10 +22,9 @@
 namespace fusedopt {
 namespace cpu {
 
-#define FUSEDOPT_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
-#define FUSEDOPT_AVX512_INLINE __attribute__((target(FUSEDOPT_AVX512_TARGET), always_inline)) inline
+#define FUSEDOPT_AVX512_INLINE __attribute__((target(FUSEDOPT_TARGET_AVX512), always_inline)) inline
 // Real calls, one per block, for the reason given in cpu/quantize_avx2.h.
-#define FUSEDOPT_AVX512_CALL __attribute__((target(FUSEDOPT_AVX512_TARGET))) inline
+#define FUSEDOPT_AVX512_CALL __attribute__((target(FUSEDOPT_TARGET_AVX512))) inline
 
 // The codes (as int32 lanes) of 16 moments x in a block whose 1 / absmax is inv: math::quantize.
 // Fewer vector ops than a lane-by-lane copy of the scalar steps (the loop is bound by the two
@@ -77,16 +77,11 @@ FUSEDOPT_AVX512_CALL int quantize_block_avx512(const math::QuantMap& q, const fl
   return k;
 }
 
-inline bool has_avx512_vbmi() {
-  static const bool yes = __builtin_cpu_supports("avx512vbmi");
-  return yes;
-}
-
 // out[k] = values[codes[k]] * absmax for the first len - len % 64 elements, with AVX-512 VBMI;
 // returns how many it did. Each of a value's 4 bytes comes from its own 256-byte table
 // (QuantMap::value_bytes, 4 registers) by two 128-entry byte permutes, and unpacks put the
 // bytes together: 64 values in about 30 ops, where a gather is 16 loads per 16.
-__attribute__((target(FUSEDOPT_AVX512_TARGET ",avx512vbmi"))) inline int dequantize_block_avx512_vbmi(
+__attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"))) inline int dequantize_block_avx512_vbmi(
     const math::QuantMap& q, const uint8_t* codes, int len, float absmax, float* out) {
   const __m512 scale = _mm512_set1_ps(absmax);
   __m512i table[4][4];
