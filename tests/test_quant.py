@@ -220,3 +220,35 @@ def test_map_with_zero_as_its_top_code_on_every_tier(tier):
     expected = reference_quantize(x.clamp(max=0), absmax, values)  # x > 0 keeps the zero code, as x = 0
     assert torch.equal(codes.long(), expected)
     assert bool((codes[x >= 0] == 255).all())
+
+
+def _raw_quantize(x, qm):
+    from fusedopt._ext import lib
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    absmax = torch.empty(quant.num_blocks(x.numel()))
+    lib().quantize_blockwise(x.data_ptr(), x.numel(), qm.data_ptr(), codes.data_ptr(), absmax.data_ptr(), 1)
+    return codes.long()
+
+
+@pytest.mark.parametrize("which", ["signed", "unsigned", "zero_on_top"])
+def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, tier):
+    """Below the Python checks, a block holding inf or NaN has absmax inf or NaN, so 1 / absmax is
+    taken as 0 and every x * inv is +-0 (finite x) or NaN (inf, NaN): finite nonzero x keep their
+    sign's code next to zero and zeros of either sign the zero code; a NaN y rounds to the map's
+    lowest value, which is 0 in the unsigned map, where the sign rule then moves +inf up and keeps
+    NaN and -inf at the zero code (math/quant8.h's zero_forced). Written out per element; the
+    same on every tier."""
+    from fusedopt._ext import lib
+    values = {"signed": SMAP, "unsigned": UMAP, "zero_on_top": -torch.flip(UMAP, [0])}[which]
+    qm = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
+    lib().build_quant_map(values.data_ptr(), qm.data_ptr())
+    zc = int((values == 0).nonzero())
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 1e-38, -3.0, 2.5e38])
+    x = torch.cat([special.repeat(26)[:256], special.roll(3).repeat(26)[:256] * -1.0])  # two blocks, inf in both
+    codes = _raw_quantize(x, qm)
+    down = zc - 1 if zc > 0 else zc
+    up = zc + 1 if zc < 255 else zc
+    nearest = torch.where(x.isnan() | x.isinf(), 0, zc)  # of y = map[0] or +-0
+    at_zero = nearest == zc
+    expected = torch.where(at_zero & (x > 0), up, torch.where(at_zero & (x < 0), down, nearest))
+    assert torch.equal(codes, expected)

@@ -43,14 +43,14 @@ FUSEDOPT_AVX2_INLINE void dequantize8_avx2(const float* values, const uint8_t* c
 }
 
 // The codes (as int32 lanes) of 8 moments x in a block whose 1 / absmax is inv: math::quantize.
-FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, __m256 inv) {
+FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, __m256 inv, __m256 forced_cmp) {
   using namespace math;
-  const __m256i one = _mm256_set1_epi32(1);
   const __m256i low_mask = _mm256_set1_epi32(int(kSearchLowMask));
   __m256 y = _mm256_mul_ps(x, inv);
-  // clamp_to_map: maxps/minps return their second operand for NaN, as the selects do.
+  // clamp_to_map: maxps returns its second operand for NaN and minps its second for equal zeros,
+  // as the selects do.
   y = _mm256_max_ps(y, _mm256_set1_ps(q.values[0]));
-  y = _mm256_min_ps(y, _mm256_set1_ps(q.values[kQuantMapSize - 1]));
+  y = _mm256_min_ps(_mm256_set1_ps(q.values[kQuantMapSize - 1]), y);
   const __m256i bits = _mm256_castps_si256(y);
   // search_bucket
   const __m256i abs_bits = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
@@ -60,30 +60,27 @@ FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, _
       _mm256_setzero_si256());
   const __m256i sign = _mm256_srai_epi32(bits, 31);
   const __m256i bucket = _mm256_add_epi32(_mm256_set1_epi32(kSearchBucketsPerSign), _mm256_xor_si256(u, sign));
-  // nearest_code: first code + (search_key >= next key)
+  // table_code: (bucket word + search_key) >> 16
   const __m256i e = gather8_avx2(q.bucket, bucket);
-  const __m256i key = _mm256_xor_si256(_mm256_and_si256(bits, low_mask), _mm256_and_si256(sign, low_mask));
-  const __m256i next = _mm256_srli_epi32(e, 8);  // keys and next keys are below 2^17: signed compares are exact
-  __m256i c = _mm256_and_si256(e, _mm256_set1_epi32(0xff));
-  c = _mm256_sub_epi32(c, _mm256_cmpgt_epi32(key, _mm256_sub_epi32(next, one)));
-  // keep_sign
-  const __m256i at_zero = _mm256_cmpeq_epi32(c, _mm256_set1_epi32(q.zero_code));
-  const __m256i up = _mm256_set1_epi32(q.zero_code < kQuantMapSize - 1 ? -1 : 0);  // a code above zero exists
-  const __m256i down = _mm256_set1_epi32(q.zero_code > 0 ? -1 : 0);                 // a code below zero exists
-  const __m256i pos = _mm256_and_si256(up, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)));
-  const __m256i neg = _mm256_and_si256(down, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)));
-  c = _mm256_sub_epi32(c, _mm256_and_si256(at_zero, pos));
-  return _mm256_add_epi32(c, _mm256_and_si256(at_zero, neg));
+  const __m256i key = _mm256_and_si256(_mm256_xor_si256(bits, sign), low_mask);
+  const __m256i c = _mm256_srli_epi32(_mm256_add_epi32(e, key), kSearchLowBits);
+  // zero_forced, as forced_cmp's lanes (quantize_block_avx2) select it
+  return _mm256_blendv_epi8(c, _mm256_set1_epi32(q.zero_code), _mm256_castps_si256(forced_cmp));
 }
 
-// codes[k] = math::quantize(q, x[k], inv) for k < 32.
+// codes[k] = math::quantize(q, x[k], inv) for k < 32. kZeroAtBottom: q.zero_code == 0, which
+// picks math::zero_forced's comparison.
+template <bool kZeroAtBottom>
 FUSEDOPT_AVX2_INLINE void quantize32_avx2(const math::QuantMap& q, const float* x, __m256 inv, uint8_t* codes) {
-  const __m256i c0 = quantize8_avx2(q, _mm256_loadu_ps(x), inv);
-  const __m256i c1 = quantize8_avx2(q, _mm256_loadu_ps(x + 8), inv);
-  const __m256i c2 = quantize8_avx2(q, _mm256_loadu_ps(x + 16), inv);
-  const __m256i c3 = quantize8_avx2(q, _mm256_loadu_ps(x + 24), inv);
+  __m256i c[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 xi = _mm256_loadu_ps(x + 8 * i);
+    // !(x > 0) (unordered: NaN too) where the zero code is the lowest, else x == 0
+    const __m256 forced = _mm256_cmp_ps(xi, _mm256_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
+    c[i] = quantize8_avx2(q, xi, inv, forced);
+  }
   // The packs interleave 128-bit lanes: bytes come out as 4-element groups 0,2,4,6,1,3,5,7.
-  const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+  const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
   const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
 }
@@ -102,7 +99,11 @@ FUSEDOPT_AVX2_CALL int quantize_block_avx2(const math::QuantMap& q, const float*
                                            uint8_t* codes) {
   const __m256 inv8 = _mm256_set1_ps(inv);
   int k = 0;
-  for (; k + 32 <= len; k += 32) quantize32_avx2(q, x + k, inv8, codes + k);
+  if (q.zero_code == 0) {
+    for (; k + 32 <= len; k += 32) quantize32_avx2<true>(q, x + k, inv8, codes + k);
+  } else {
+    for (; k + 32 <= len; k += 32) quantize32_avx2<false>(q, x + k, inv8, codes + k);
+  }
   return k;
 }
 

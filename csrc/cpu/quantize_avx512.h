@@ -29,13 +29,16 @@ namespace cpu {
 // The codes (as int32 lanes) of 16 moments x in a block whose 1 / absmax is inv: math::quantize.
 // Fewer vector ops than a lane-by-lane copy of the scalar steps (the loop is bound by the two
 // 512-bit ALU ports, not by the gather): saturating 16-bit subtraction clamps the bucket at 0,
-// and the sign's complement is taken before the shift that extracts it.
+// and the sign's complement is taken before the shift that extracts it. kZeroAtBottom:
+// q.zero_code == 0, which picks math::zero_forced's comparison.
+template <bool kZeroAtBottom>
 FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512 x, __m512 inv) {
   using namespace math;
   __m512 y = _mm512_mul_ps(x, inv);
-  // clamp_to_map: maxps/minps return their second operand for NaN, as the selects do.
+  // clamp_to_map: maxps returns its second operand for NaN and minps its second for equal zeros,
+  // as the selects do.
   y = _mm512_max_ps(y, _mm512_set1_ps(q.values[0]));
-  y = _mm512_min_ps(y, _mm512_set1_ps(q.values[kQuantMapSize - 1]));
+  y = _mm512_min_ps(_mm512_set1_ps(q.values[kQuantMapSize - 1]), y);
   const __m512i bits = _mm512_castps_si512(y);
   const __m512i sign = _mm512_srai_epi32(bits, 31);
   // search_bucket - kSearchBucketsPerSign: magnitude_bucket u in the high half (as |y|'s top 16
@@ -43,38 +46,39 @@ FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512
   __m512i u = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff0000));
   u = _mm512_subs_epu16(u, _mm512_set1_epi32(int(kSearchExponentBias << (kSearchMantissaBits + 16))));
   const __m512i bucket = _mm512_srai_epi32(_mm512_xor_si512(u, sign), 16);
-  static_assert(kSearchLowBits == 16, "the bucket is |y|'s high half");
-  // nearest_code: first code + (search_key >= next key)
+  // table_code: (bucket word + search_key) >> 16
   const __m512i e =
       _mm512_i32gather_epi32(bucket, reinterpret_cast<const int*>(q.bucket + kSearchBucketsPerSign), 4);
   const __m512i key = _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(int(kSearchLowMask)), 0x28);  // (a^b)&c
-  __m512i c = _mm512_and_si512(e, _mm512_set1_epi32(0xff));
-  c = _mm512_mask_add_epi32(c, _mm512_cmpge_epu32_mask(key, _mm512_srli_epi32(e, 8)), c, _mm512_set1_epi32(1));
-  // keep_sign: a nonzero x at the zero code moves one code toward its sign, where one exists.
-  const __mmask16 fix = _mm512_mask_cmp_ps_mask(_mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(q.zero_code)), x,
-                                                _mm512_setzero_ps(), _CMP_NEQ_OQ);
-  const __m512i step = _mm512_mask_blend_epi32(_mm512_movepi32_mask(_mm512_castps_si512(x)),
-                                               _mm512_set1_epi32(q.zero_code < kQuantMapSize - 1 ? 1 : 0),
-                                               _mm512_set1_epi32(q.zero_code > 0 ? -1 : 0));
-  return _mm512_mask_add_epi32(c, fix, c, step);
+  const __m512i c = _mm512_srli_epi32(_mm512_add_epi32(e, key), kSearchLowBits);
+  // zero_forced: !(x > 0) (unordered: NaN too) where the zero code is the lowest, else x == 0
+  const __mmask16 forced = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
+  return _mm512_mask_mov_epi32(c, forced, _mm512_set1_epi32(q.zero_code));
 }
 
-// quantize16_avx512 over the first len - len % 64 elements; returns how many it did.
-FUSEDOPT_AVX512_CALL int quantize_block_avx512(const math::QuantMap& q, const float* x, int len, float inv,
-                                               uint8_t* codes) {
+template <bool kZeroAtBottom>
+FUSEDOPT_AVX512_INLINE int quantize_block_avx512_impl(const math::QuantMap& q, const float* x, int len, float inv,
+                                                      uint8_t* codes) {
   const __m512 inv16 = _mm512_set1_ps(inv);
   // The packs work per 128-bit lane: lane L of the bytes holds 4 codes of each of c0..c3, in order.
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   int k = 0;
   for (; k + 64 <= len; k += 64) {
-    const __m512i c0 = quantize16_avx512(q, _mm512_loadu_ps(x + k), inv16);
-    const __m512i c1 = quantize16_avx512(q, _mm512_loadu_ps(x + k + 16), inv16);
-    const __m512i c2 = quantize16_avx512(q, _mm512_loadu_ps(x + k + 32), inv16);
-    const __m512i c3 = quantize16_avx512(q, _mm512_loadu_ps(x + k + 48), inv16);
+    const __m512i c0 = quantize16_avx512<kZeroAtBottom>(q, _mm512_loadu_ps(x + k), inv16);
+    const __m512i c1 = quantize16_avx512<kZeroAtBottom>(q, _mm512_loadu_ps(x + k + 16), inv16);
+    const __m512i c2 = quantize16_avx512<kZeroAtBottom>(q, _mm512_loadu_ps(x + k + 32), inv16);
+    const __m512i c3 = quantize16_avx512<kZeroAtBottom>(q, _mm512_loadu_ps(x + k + 48), inv16);
     const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
     _mm512_storeu_si512(codes + k, _mm512_permutexvar_epi32(order, packed));
   }
   return k;
+}
+
+// quantize16_avx512 over the first len - len % 64 elements; returns how many it did.
+FUSEDOPT_AVX512_CALL int quantize_block_avx512(const math::QuantMap& q, const float* x, int len, float inv,
+                                               uint8_t* codes) {
+  return q.zero_code == 0 ? quantize_block_avx512_impl<true>(q, x, len, inv, codes)
+                          : quantize_block_avx512_impl<false>(q, x, len, inv, codes);
 }
 
 // out[k] = values[codes[k]] * absmax for the first len - len % 64 elements, with AVX-512 VBMI;

@@ -10,7 +10,7 @@
 // the signed one -1 too, so a block's largest element and zeros round-trip exactly.
 //
 // cpu/quantize_avx2.h and cpu/quantize_avx512.h transcribe clamp_to_map, search_bucket,
-// search_key, nearest_code and keep_sign lane by lane in intrinsics: change them together
+// search_key, table_code and zero_forced lane by lane in intrinsics: change them together
 // (tests/test_quant.py and tests/test_cpu_isa.py compare them bitwise).
 #pragma once
 
@@ -38,7 +38,7 @@ FUSEDOPT_HD bool is_finite(float x) { return fabsf(x) <= 3.402823466e+38f; }
 
 // 1 / absmax, or 0 for an all-zero block (then every element normalizes to 0 instead of NaN), and
 // 0 too where 1 / absmax overflows (absmax under 2.9e-39, a denormal): an inf would make a zero
-// element NaN and then -1. Such a block keeps its zeros and signs (keep_sign) and loses the rest,
+// element NaN and then -1. Such a block keeps its zeros and signs (part 3) and loses the rest,
 // all below 3e-39.
 FUSEDOPT_HD float inv_absmax(float absmax) {
   const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
@@ -46,10 +46,11 @@ FUSEDOPT_HD float inv_absmax(float absmax) {
 }
 
 // Rounding x to a code: y = x * inv clamped to the map, then the nearest map entry (a tie, as the
-// float differences below judge it, goes to the smaller entry), then part 3's sign rule.
+// float differences below judge it, goes to the smaller entry), then part 3's sign rule. A NaN y
+// becomes map[0]; y = -0 stays -0 (its sign bit is x's sign, which part 3 reads from y).
 FUSEDOPT_HD float clamp_to_map(const float* map, float y) {
   y = y > map[0] ? y : map[0];
-  return y < map[kQuantMapSize - 1] ? y : map[kQuantMapSize - 1];
+  return y > map[kQuantMapSize - 1] ? map[kQuantMapSize - 1] : y;
 }
 
 // 1. The definition of "nearest", used once per map by build_quant_map (host). The backends never
@@ -64,10 +65,12 @@ inline int nearest_code_reference(const float* map, float y) {
 
 // 2. The table. y's float bits (sign, binade, the top kSearchMantissaBits of the mantissa) pick a
 //    bucket; buckets are even in log scale, as the dynamic maps are, so within one bucket the
-//    nearest code changes at most once. A bucket is one 32-bit word: the nearest code at the
-//    bucket's smallest y, and where in the bucket the next code begins, as the low mantissa bits
-//    that the bucket leaves free. A code is then one table load and one integer compare, where
-//    a bisection over 256 entries is eight dependent loads.
+//    nearest code changes at most once. A bucket is one 32-bit word: the code at the bucket's
+//    smallest y in the high half, and in the low half 2^16 minus the key (the low mantissa bits
+//    the bucket leaves free) where the next code begins. Adding y's key carries into the code
+//    exactly from that key on: a code is one table load, one add and one shift, where a
+//    bisection over 256 entries is eight dependent loads.
+//    The table's codes already follow part 3's sign rule for y's sign bit.
 constexpr int kSearchMantissaBits = 7;
 constexpr int kSearchBinades = 24;  // |y| in [2^-24, 1] is bucketed; smaller |y| share bucket 0
 constexpr int kSearchBucketsPerSign = (kSearchBinades + 1) << kSearchMantissaBits;
@@ -75,14 +78,14 @@ constexpr int kSearchBuckets = 2 * kSearchBucketsPerSign;
 constexpr uint32_t kSearchExponentBias = 127 - kSearchBinades;
 constexpr int kSearchLowBits = 23 - kSearchMantissaBits;        // mantissa bits below a bucket's
 constexpr uint32_t kSearchLowMask = (1u << kSearchLowBits) - 1;
-constexpr uint32_t kSearchNever = 1u << kSearchLowBits;         // above every key: no code change
+static_assert(kSearchLowBits == 16, "a bucket word is the code (high half) and a carry threshold (low half)");
 
 // A map as every backend takes it: built once per map on the host (build_quant_map) and passed as
 // one buffer.
 struct QuantMap {
   float values[kQuantMapSize];
   int32_t zero_code;                 // values[zero_code] == 0
-  uint32_t bucket[kSearchBuckets];   // nearest code at the bucket's start | next code's key << 8
+  uint32_t bucket[kSearchBuckets];   // code at the bucket's start << 16 | (2^16 - next code's key)
   // values[c]'s bits as four bytes (value_bytes[j][c] = bits >> 8j): 64 codes are dequantized by
   // byte permutes from registers on AVX-512 VBMI (cpu/quantize_avx512.h).
   uint8_t value_bytes[4][kQuantMapSize];
@@ -96,7 +99,6 @@ FUSEDOPT_HD int magnitude_bucket(uint32_t abs_bits) {
 }
 
 // Non-decreasing in y over [-1, 1]: negative y (-0 too) count down from the middle, the rest up.
-// -0 lands in the negative bucket 0, whose code is that of 0 (build_quant_map checks).
 FUSEDOPT_HD int search_bucket(float y) {
   const uint32_t bits = float_bits(y);
   const int u = magnitude_bucket(bits & 0x7fffffffu);
@@ -105,17 +107,16 @@ FUSEDOPT_HD int search_bucket(float y) {
 
 // y's position inside its bucket, increasing in y: the free low mantissa bits, reversed for
 // negative y (a larger magnitude is a smaller y). Buckets whose y do not share their high bits
-// (bucket 0 of each sign) hold no code change, so their keys are never compared.
+// (bucket 0 of each sign) hold no code change, so their keys carry nothing.
 FUSEDOPT_HD uint32_t search_key(float y) {
   const uint32_t bits = float_bits(y);
   return (bits & kSearchLowMask) ^ ((bits >> 31) != 0 ? kSearchLowMask : 0u);
 }
 
-// The nearest code of a clamped y (equals nearest_code_reference; build_quant_map and the tests
-// check it).
-FUSEDOPT_HD int nearest_code(const QuantMap& q, float y) {
-  const uint32_t e = q.bucket[search_bucket(y)];
-  return int(e & 0xffu) + (search_key(y) >= (e >> 8) ? 1 : 0);
+// The code of a clamped y: its nearest code (nearest_code_reference), moved by part 3's rule for
+// y's sign bit (build_quant_map builds the table so, and the tests check it).
+FUSEDOPT_HD int table_code(const QuantMap& q, float y) {
+  return int((q.bucket[search_bucket(y)] + search_key(y)) >> kSearchLowBits);
 }
 
 // 3. A nonzero x never becomes 0 or changes sign: it moves to the nearest code of its own sign.
@@ -128,14 +129,16 @@ FUSEDOPT_HD int nearest_code(const QuantMap& q, float y) {
 //    AdamW8bit run travel 4x as far as AdamW. (Li et al. 2023, "Memory Efficient Optimizers with
 //    4-bit States", drop zero from v's map for this reason.)
 //    A map with no code of x's sign (x < 0 in the unsigned map) keeps the zero code: the nearest.
-FUSEDOPT_HD int keep_sign(int zero_code, float x, int c) {
-  c = (x > 0.0f && c == zero_code && zero_code < kQuantMapSize - 1) ? c + 1 : c;
-  return (x < 0.0f && c == zero_code && zero_code > 0) ? c - 1 : c;
-}
+//    The table applies the rule by y's sign bit, which is x's (inv >= 0; an underflow gives a
+//    signed zero, and clamp_to_map keeps -0) except where the clamp to a map bound of 0 turns a
+//    negative or NaN x into +0: in maps whose lowest code is zero. zero_forced marks the x that
+//    must keep the zero code: x = +-0, and in those maps every x that is not above 0.
+FUSEDOPT_HD bool zero_forced(int zero_code, float x) { return zero_code == 0 ? !(x > 0.0f) : x == 0.0f; }
 
 // The code of x in a block whose 1 / absmax is inv (see inv_absmax).
 FUSEDOPT_HD uint8_t quantize(const QuantMap& q, float x, float inv) {
-  return uint8_t(keep_sign(q.zero_code, x, nearest_code(q, clamp_to_map(q.values, x * inv))));
+  const int c = table_code(q, clamp_to_map(q.values, x * inv));
+  return uint8_t(zero_forced(q.zero_code, x) ? q.zero_code : c);
 }
 
 // Host: fills q from 256 strictly increasing values in [-1, 1] holding 0. Returns false for a map the table
@@ -143,13 +146,20 @@ FUSEDOPT_HD uint8_t quantize(const QuantMap& q, float x, float inv) {
 inline bool build_quant_map(const float* values, QuantMap* q) {
   q->zero_code = -1;
   for (int c = 0; c < kQuantMapSize; ++c) {
-    q->values[c] = values[c];
-    for (int j = 0; j < 4; ++j) q->value_bytes[j][c] = uint8_t(float_bits(values[c]) >> (8 * j));
+    q->values[c] = values[c] == 0.0f ? 0.0f : values[c];  // -0 as +0: clamp_to_map's bounds keep y's sign
+    for (int j = 0; j < 4; ++j) q->value_bytes[j][c] = uint8_t(float_bits(q->values[c]) >> (8 * j));
     if (values[c] == 0.0f) q->zero_code = c;
     if (c > 0 && !(values[c - 1] < values[c])) return false;
   }
   if (!(values[0] >= -1.0f && values[kQuantMapSize - 1] <= 1.0f)) return false;  // magnitude_bucket needs |y| <= 1
   if (q->zero_code < 0) return false;
+  const int zc = q->zero_code;
+  // Part 3 for y of one sign: the zero code moves to its neighbour of that sign, where one exists.
+  auto signed_code = [zc](int c, bool negative) {
+    if (c != zc) return c;
+    if (negative) return zc > 0 ? zc - 1 : zc;
+    return zc < kQuantMapSize - 1 ? zc + 1 : zc;
+  };
   // Floats as order-preserving unsigned keys, so that "the smallest y in [lo, hi] with ..." is a
   // bisection over keys.
   auto key = [](float f) { const uint32_t u = float_bits(f); return (u >> 31) ? ~u : (u | 0x80000000u); };
@@ -157,19 +167,21 @@ inline bool build_quant_map(const float* values, QuantMap* q) {
   // The bucket holds y in [lo, hi] (clamped y reach only part of some buckets; the rest of a
   // bucket is never looked up). Exact when the nearest code changes at most once in it, and not
   // at all in a bucket whose y differ above the low bits (shared_high false).
-  auto fill = [&](int b, float lo, float hi, bool shared_high) {
+  auto fill = [&](int b, float lo, float hi, bool shared_high, bool negative) {
     const int first = nearest_code_reference(values, lo);
     const int last = nearest_code_reference(values, hi);
-    uint32_t next = kSearchNever;
-    if (last > first) {
+    int code = signed_code(first, negative);
+    uint32_t carry = 0;  // 2^16 - the key where the code goes up by one; 0: it never does
+    if (last > first && signed_code(first + 1, negative) != code) {
       uint32_t a = key(lo), z = key(hi);  // nearest(from_key(z)) > first, nearest(from_key(a)) may not be
       while (a < z) {
         const uint32_t mid = a + (z - a) / 2;
         if (nearest_code_reference(values, from_key(mid)) > first) z = mid; else a = mid + 1;
       }
-      next = search_key(from_key(z));
+      const uint32_t next = search_key(from_key(z));
+      if (next == 0) code += 1; else carry = (1u << kSearchLowBits) - next;  // from the bucket's first key on
     }
-    q->bucket[b] = uint32_t(first) | (next << 8);
+    q->bucket[b] = uint32_t(code) << kSearchLowBits | carry;
     return last - first <= 1 && (shared_high || last == first);
   };
   const uint32_t one = float_bits(1.0f);
@@ -184,8 +196,8 @@ inline bool build_quant_map(const float* values, QuantMap* q) {
     const uint32_t b = u + 1 < kSearchBucketsPerSign ? first_bits(u + 1) - 1 : one;
     const float lo = bits_float(a < one ? a : one), hi = bits_float(b < one ? b : one);
     // The positive bucket holds y in [lo, hi], the negative one y in [-hi, -lo].
-    exact = fill(kSearchBucketsPerSign + u, lo, hi, u > 0) && exact;
-    exact = fill(kSearchBucketsPerSign - 1 - u, -hi, -lo, u > 0) && exact;
+    exact = fill(kSearchBucketsPerSign + u, lo, hi, u > 0, false) && exact;
+    exact = fill(kSearchBucketsPerSign - 1 - u, -hi, -lo, u > 0, true) && exact;
   }
   return exact;
 }
