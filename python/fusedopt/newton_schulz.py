@@ -106,8 +106,8 @@ def cpu_has_16bit_matmul(dtype: torch.dtype) -> bool:
     rounded back to 16 bits: the 16-bit GEMM's own arithmetic (products of 8- or 11-bit mantissas
     are exact in fp32, sums are fp32, one rounding per result; only the summation order differs).
     Measured, batch of 8 x 512^3, 2 threads: on a Zen 3 (no AVX512-BF16) a bf16 bmm took 1.6 s
-    against 22 ms in fp32; on a Sapphire-Rapids-class Xeon 1.04 ms for bf16 (AMX) and 6.8 ms for
-    fp16 (AVX512-FP16) against 7.1 ms in fp32 (bench/cpu_paths.py).
+    against 22 ms in fp32; on a Sapphire-Rapids-class Xeon 0.92 ms for bf16 (AMX) and 6.7 ms for
+    fp16 (AVX512-FP16) against 6.9 ms in fp32 (bench/cpu_paths.py, results/xeon_avx512_amx/).
 
     bf16 asks for AVX512-BF16 itself: oneDNN reports bf16 support on any AVX-512 CPU, where it
     emulates it. The probes are torch's private ones; one that is missing counts as no."""
