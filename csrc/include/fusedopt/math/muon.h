@@ -28,23 +28,32 @@ FUSEDOPT_HD MuonScalars muon_scalars(double momentum, bool nesterov, float grad_
   return {1.0f / grad_scale, float(momentum), float(1.0 - momentum), nesterov};
 }
 
+// g unscaled (GradScaler) and rounded to S, as torch's grad tensor of that dtype holds it.
+template <typename S>
+FUSEDOPT_HD float muon_grad(float g, const MuonScalars& s) { return to_float(from_float<S>(g * s.grad_mul)); }
+
+// u from muon_grad's gs and the updated buffer: nesterov's lerp(g, buf, momentum),
+// else the buffer.
+template <typename S>
+FUSEDOPT_HD float muon_direction(float gs, float buf, const MuonScalars& s) {
+  return s.nesterov ? to_float(from_float<S>(lerp_fma(gs, buf, s.momentum))) : buf;
+}
+
 // One element's momentum step; returns u. S is the buffer's storage type: g, buf and u are
 // rounded to it as torch's tensors of that dtype are, and the lerps round as torch's do (lerp_fma),
 // so a bf16 buffer follows torch.optim.Muon's bit for bit.
 template <typename S>
 FUSEDOPT_HD float muon_momentum(float g, float& buf, const MuonScalars& s) {
-  g = to_float(from_float<S>(g * s.grad_mul));
+  g = muon_grad<S>(g, s);
   buf = to_float(from_float<S>(lerp_fma(buf, g, s.one_minus_momentum)));
-  const float nesterov_u = to_float(from_float<S>(lerp_fma(g, buf, s.momentum)));
-  return s.nesterov ? nesterov_u : buf;
+  return muon_direction<S>(g, buf, s);
 }
 
 // The u that muon_momentum returned, from g and the buffer it left (the cast pass recomputes u:
 // cheaper than storing it).
 template <typename S>
 FUSEDOPT_HD float muon_update_direction(float g, float buf, const MuonScalars& s) {
-  const float gs = to_float(from_float<S>(g * s.grad_mul));
-  return s.nesterov ? to_float(from_float<S>(lerp_fma(gs, buf, s.momentum))) : buf;
+  return muon_direction<S>(muon_grad<S>(g, s), buf, s);
 }
 
 // The divisor of a matrix's normalization from the sum of its squares (accumulated in double:
