@@ -43,7 +43,9 @@ FUSEDOPT_AVX2_INLINE void dequantize8_avx2(const float* values, const uint8_t* c
 }
 
 // The codes (as int32 lanes) of 8 moments x in a block whose 1 / absmax is inv: math::quantize.
-FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, __m256 inv, __m256 forced_cmp) {
+// kZeroAtBottom: q.zero_code == 0, which picks math::zero_forced's comparison.
+template <bool kZeroAtBottom>
+FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, __m256 inv) {
   using namespace math;
   const __m256i low_mask = _mm256_set1_epi32(int(kSearchLowMask));
   __m256 y = _mm256_mul_ps(x, inv);
@@ -64,23 +66,20 @@ FUSEDOPT_AVX2_INLINE __m256i quantize8_avx2(const math::QuantMap& q, __m256 x, _
   const __m256i e = gather8_avx2(q.bucket, bucket);
   const __m256i key = _mm256_and_si256(_mm256_xor_si256(bits, sign), low_mask);
   const __m256i c = _mm256_srli_epi32(_mm256_add_epi32(e, key), kSearchLowBits);
-  // zero_forced, as forced_cmp's lanes (quantize_block_avx2) select it
-  return _mm256_blendv_epi8(c, _mm256_set1_epi32(q.zero_code), _mm256_castps_si256(forced_cmp));
+  // zero_forced: !(x > 0) (unordered: NaN too) where the zero code is the lowest, else x == 0
+  const __m256 forced = _mm256_cmp_ps(x, _mm256_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
+  return _mm256_blendv_epi8(c, _mm256_set1_epi32(q.zero_code), _mm256_castps_si256(forced));
 }
 
-// codes[k] = math::quantize(q, x[k], inv) for k < 32. kZeroAtBottom: q.zero_code == 0, which
-// picks math::zero_forced's comparison.
+// codes[k] = math::quantize(q, x[k], inv) for k < 32.
 template <bool kZeroAtBottom>
 FUSEDOPT_AVX2_INLINE void quantize32_avx2(const math::QuantMap& q, const float* x, __m256 inv, uint8_t* codes) {
-  __m256i c[4];
-  for (int i = 0; i < 4; ++i) {
-    const __m256 xi = _mm256_loadu_ps(x + 8 * i);
-    // !(x > 0) (unordered: NaN too) where the zero code is the lowest, else x == 0
-    const __m256 forced = _mm256_cmp_ps(xi, _mm256_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
-    c[i] = quantize8_avx2(q, xi, inv, forced);
-  }
+  const __m256i c0 = quantize8_avx2<kZeroAtBottom>(q, _mm256_loadu_ps(x), inv);
+  const __m256i c1 = quantize8_avx2<kZeroAtBottom>(q, _mm256_loadu_ps(x + 8), inv);
+  const __m256i c2 = quantize8_avx2<kZeroAtBottom>(q, _mm256_loadu_ps(x + 16), inv);
+  const __m256i c3 = quantize8_avx2<kZeroAtBottom>(q, _mm256_loadu_ps(x + 24), inv);
   // The packs interleave 128-bit lanes: bytes come out as 4-element groups 0,2,4,6,1,3,5,7.
-  const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
+  const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
   const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
 }

@@ -27,10 +27,9 @@ namespace cpu {
 #define FUSEDOPT_AVX512_CALL __attribute__((target(FUSEDOPT_TARGET_AVX512))) inline
 
 // The codes (as int32 lanes) of 16 moments x in a block whose 1 / absmax is inv: math::quantize.
-// Fewer vector ops than a lane-by-lane copy of the scalar steps (the loop is bound by the two
-// 512-bit ALU ports, not by the gather): saturating 16-bit subtraction clamps the bucket at 0,
-// and the sign's complement is taken before the shift that extracts it. kZeroAtBottom:
-// q.zero_code == 0, which picks math::zero_forced's comparison.
+// Fewer vector ops than a lane-by-lane copy of the scalar steps: saturating 16-bit subtraction
+// clamps the bucket at 0, and the sign's complement is taken before the shift that extracts it.
+// kZeroAtBottom: q.zero_code == 0, which picks math::zero_forced's comparison.
 template <bool kZeroAtBottom>
 FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512 x, __m512 inv) {
   using namespace math;
