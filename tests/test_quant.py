@@ -189,45 +189,43 @@ def test_non_finite_or_negative_input_is_refused():
         quant.dequantize_blockwise(torch.zeros(300, dtype=torch.uint8), torch.ones(1), True)
 
 
+def _raw_quantize(x, qm):
+    """Codes of x through the native entry point, below the Python checks (qm: a built map)."""
+    from fusedopt._ext import lib
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    absmax = torch.empty(quant.num_blocks(x.numel()))
+    lib().quantize_blockwise(x.data_ptr(), x.numel(), qm.data_ptr(), codes.data_ptr(), absmax.data_ptr(), 1)
+    return codes.long(), absmax
+
+
+def _built_map(values):
+    from fusedopt._ext import lib
+    qm = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
+    lib().build_quant_map(values.data_ptr(), qm.data_ptr())
+    return qm
+
+
 def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_tier(tier):
     """The unsigned map has no negative code: below the Python checks (which refuse such input),
     the native rounding sends x < 0 to the zero code, never wrapping to 255, in every ISA tier."""
-    from fusedopt._ext import lib
     x = torch.cat([-torch.rand(300), torch.rand(300)])
-    codes = torch.empty(x.numel(), dtype=torch.uint8)
-    absmax = torch.empty(quant.num_blocks(x.numel()))
-    lib().quantize_blockwise(x.data_ptr(), x.numel(), quant.quant_map(False).data_ptr(), codes.data_ptr(),
-                             absmax.data_ptr(), 1)
+    codes, absmax = _raw_quantize(x, quant.quant_map(False))
     assert bool((codes[:300] == quant.UNSIGNED_ZERO_CODE).all())
-    assert torch.equal(codes.long(), reference_quantize(x.clamp(min=0), absmax, UMAP))  # x < 0 codes as x = 0
+    assert torch.equal(codes, reference_quantize(x.clamp(min=0), absmax, UMAP))  # x < 0 codes as x = 0
 
 
 def test_map_with_zero_as_its_top_code_on_every_tier(tier):
     """A map of values in [-1, 0] (zero_code 255, no code above zero): positive x stays at the
     zero code, negative x follows the nearest-entry rule, on every tier. (Only the raw entry point
     takes such a map: the optimizers use the two dynamic maps.)"""
-    from fusedopt._ext import lib
     values = -torch.flip(quant.dynamic_map(False), [0])
-    qm = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
-    lib().build_quant_map(values.data_ptr(), qm.data_ptr())
     g = torch.Generator().manual_seed(3)
     x = torch.cat([-torch.rand(700, generator=g) ** 3, torch.rand(300, generator=g), torch.zeros(24)])
     x = x[torch.randperm(x.numel(), generator=g)]
-    codes = torch.empty(x.numel(), dtype=torch.uint8)
-    absmax = torch.empty(quant.num_blocks(x.numel()))
-    lib().quantize_blockwise(x.data_ptr(), x.numel(), qm.data_ptr(), codes.data_ptr(),
-                             absmax.data_ptr(), 1)
+    codes, absmax = _raw_quantize(x, _built_map(values))
     expected = reference_quantize(x.clamp(max=0), absmax, values)  # x > 0 keeps the zero code, as x = 0
-    assert torch.equal(codes.long(), expected)
+    assert torch.equal(codes, expected)
     assert bool((codes[x >= 0] == 255).all())
-
-
-def _raw_quantize(x, qm):
-    from fusedopt._ext import lib
-    codes = torch.empty(x.numel(), dtype=torch.uint8)
-    absmax = torch.empty(quant.num_blocks(x.numel()))
-    lib().quantize_blockwise(x.data_ptr(), x.numel(), qm.data_ptr(), codes.data_ptr(), absmax.data_ptr(), 1)
-    return codes.long()
 
 
 @pytest.mark.parametrize("which", ["signed", "unsigned", "zero_on_top"])
@@ -238,14 +236,11 @@ def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, tier):
     lowest value, which is 0 in the unsigned map, where the sign rule then moves +inf up and keeps
     NaN and -inf at the zero code (math/quant8.h's zero_forced). Written out per element; the
     same on every tier."""
-    from fusedopt._ext import lib
     values = {"signed": SMAP, "unsigned": UMAP, "zero_on_top": -torch.flip(UMAP, [0])}[which]
-    qm = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
-    lib().build_quant_map(values.data_ptr(), qm.data_ptr())
     zc = int((values == 0).nonzero())
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 1e-38, -3.0, 2.5e38])
     x = torch.cat([special.repeat(26)[:256], special.roll(3).repeat(26)[:256] * -1.0])  # two blocks, inf in both
-    codes = _raw_quantize(x, qm)
+    codes, _ = _raw_quantize(x, _built_map(values))
     down = zc - 1 if zc > 0 else zc
     up = zc + 1 if zc < 255 else zc
     nearest = torch.where(x.isnan() | x.isinf(), 0, zc)  # of y = map[0] or +-0
