@@ -49,8 +49,11 @@ def test_cpu_16bit_matmul_probe(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_16bit_products_via_fp32_match_native_16bit_gemms(dtype, monkeypatch):
     # The two CPU paths (newton_schulz.cpu_has_16bit_matmul) differ in summation order only, far
-    # below the 16-bit rounding of every product: both must be as close to the fp64 iteration
-    # (measured, bf16: 1.39% each, 0.30% apart) and much closer to each other than to it.
+    # below the 16-bit rounding of every product: both must be as close to the fp64 iteration and
+    # closer to each other than to it. The order flips the rounding of a few results by one ulp and
+    # the iteration amplifies those flips, so "closer" is a ratio, not a 16-bit ulp: measured 0.22
+    # (bf16, 1.39% each, 0.30% apart, Sapphire Rapids) and 0.54 (fp16, 0.175% each, 0.094% apart,
+    # Zen 5); paths whose roundings were independent would be about sqrt(2) apart (in theory).
     x = torch.randn(8, 64, 128, generator=torch.Generator().manual_seed(0))
     exact = ns.zeropower(x.double(), dtype=torch.float64)
     out = {}
@@ -59,7 +62,7 @@ def test_cpu_16bit_products_via_fp32_match_native_16bit_gemms(dtype, monkeypatch
         out[native] = ns.zeropower(x, dtype=dtype).double()
     err = {k: ((o - exact).norm() / exact.norm()).item() for k, o in out.items()}
     assert max(err.values()) <= 1.25 * min(err.values()) and max(err.values()) < 0.03
-    assert ((out[True] - out[False]).norm() / exact.norm()).item() <= 0.5 * min(err.values())
+    assert ((out[True] - out[False]).norm() / exact.norm()).item() <= 0.75 * min(err.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
