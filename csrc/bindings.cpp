@@ -227,8 +227,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("chunk_size", []() { return int64_t(1) << 14; }, "Elements per work item / CUDA chunk (sizes workspaces)");
   m.def("quant_map_bytes", []() { return int(sizeof(math::QuantMap)); },
         "Size of the buffer build_quant_map fills (a math::QuantMap)");
-  m.def("build_quant_map", &build_quant_map, "256 sorted fp32 values -> a math::QuantMap (map + search table)",
-        py::arg("values"), py::arg("out"));
+  m.def("build_quant_map", &build_quant_map,
+        "256 sorted fp32 values -> a math::QuantMap (map + search tables); coarse=False omits the table of the "
+        "AVX-512 VBMI quantizer, which then gathers as on other AVX-512 CPUs (for tests)",
+        py::arg("values"), py::arg("out"), py::arg("coarse") = true);
+  m.def("quant_map_has_coarse_table",
+        [](uintptr_t map) { return reinterpret_cast<const math::QuantMap*>(map)->coarse.ok != 0; },
+        "Whether a built math::QuantMap holds the AVX-512 VBMI quantizer's table (math/quant8_coarse.h)",
+        py::arg("map"));
   m.def(
       "quantize_blockwise",
       [](uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax, int num_threads) {

@@ -68,7 +68,11 @@ def _hard_inputs(q):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_table_search_equals_reference_at_every_edge(signed, tier):
+@pytest.mark.parametrize("coarse", [True, False], ids=["coarse_table", "no_coarse_table"])
+def test_table_search_equals_reference_at_every_edge(signed, coarse, tier):
+    """Every tier's search, and in the AVX-512 tier both (with VBMI the byte-permute search of
+    math/quant8_coarse.h's table; without VBMI, or for a map built without that table, the gather
+    from QuantMap::bucket), give the reference's codes at every edge."""
     q = quant.dynamic_map(signed)
     y = _hard_inputs(q)
     if not signed:
@@ -76,9 +80,11 @@ def test_table_search_equals_reference_at_every_edge(signed, tier):
     # Blocks whose first element is 1, so absmax = 1 and x * inv == x.
     y = torch.nn.functional.pad(y, (0, (-y.numel()) % 255))
     x = torch.cat([torch.ones(y.numel() // 255, 1), y.view(-1, 255)], dim=1).flatten()
-    codes, absmax = quant.quantize_blockwise(x, signed)
+    qm = _built_map(q, coarse)
+    assert _has_coarse_table(qm) == coarse
+    codes, absmax = _raw_quantize(x, qm)
     assert bool((absmax == 1).all())
-    assert torch.equal(codes.long(), reference_quantize(x, absmax, q))
+    assert torch.equal(codes, reference_quantize(x, absmax, q))
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -198,11 +204,25 @@ def _raw_quantize(x, qm):
     return codes.long(), absmax
 
 
-def _built_map(values):
+def _built_map(values, coarse=True):
     from fusedopt._ext import lib
     qm = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
-    lib().build_quant_map(values.data_ptr(), qm.data_ptr())
+    lib().build_quant_map(values.data_ptr(), qm.data_ptr(), coarse)
     return qm
+
+
+def _has_coarse_table(qm):
+    from fusedopt._ext import lib
+    return lib().quant_map_has_coarse_table(qm.data_ptr())
+
+
+def test_coarse_table_holds_the_dynamic_maps_and_refuses_denser_ones():
+    """The optimizers' maps get the 256-bucket table (their AVX-512 VBMI quantizer does not
+    gather); a map with more code changes than 256 buckets of kCoarseChanges hold does not, and is
+    then quantized by the gather (test_map_with_zero_as_its_top_code_on_every_tier: its 255
+    negative codes share the 127 buckets of one sign)."""
+    assert _has_coarse_table(quant.quant_map(True)) and _has_coarse_table(quant.quant_map(False))
+    assert not _has_coarse_table(_built_map(-torch.flip(UMAP, [0])))
 
 
 def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_tier(tier):
@@ -229,7 +249,8 @@ def test_map_with_zero_as_its_top_code_on_every_tier(tier):
 
 
 @pytest.mark.parametrize("which", ["signed", "unsigned", "zero_on_top"])
-def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, tier):
+@pytest.mark.parametrize("coarse", [True, False], ids=["coarse_table", "no_coarse_table"])
+def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, coarse, tier):
     """Below the Python checks, a block holding inf or NaN has absmax inf or NaN, so 1 / absmax is
     taken as 0 and every x * inv is +-0 (finite x) or NaN (inf, NaN): finite nonzero x keep their
     sign's code next to zero and zeros of either sign the zero code; a NaN y rounds to the map's
@@ -240,7 +261,7 @@ def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, tier):
     zc = int((values == 0).nonzero())
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 1e-38, -3.0, 2.5e38])
     x = torch.cat([special.repeat(26)[:256], special.roll(3).repeat(26)[:256] * -1.0])  # two blocks, inf in both
-    codes, _ = _raw_quantize(x, _built_map(values))
+    codes, _ = _raw_quantize(x, _built_map(values, coarse))
     down = zc - 1 if zc > 0 else zc
     up = zc + 1 if zc < 255 else zc
     nearest = torch.where(x.isnan() | x.isinf(), 0, zc)  # of y = map[0] or +-0

@@ -14,8 +14,8 @@ namespace fusedopt {
 using math::kQuantBlock;
 static_assert(cpu::kChunkSize % kQuantBlock == 0, "a CPU work item must hold whole quantization blocks");
 
-void build_quant_map(uintptr_t values, uintptr_t out) {
-  if (!math::build_quant_map(reinterpret_cast<const float*>(values), reinterpret_cast<math::QuantMap*>(out))) {
+void build_quant_map(uintptr_t values, uintptr_t out, bool coarse) {
+  if (!math::build_quant_map(reinterpret_cast<const float*>(values), reinterpret_cast<math::QuantMap*>(out), coarse)) {
     throw std::invalid_argument(
         "fusedopt.build_quant_map: the map holds no exact 0, is not strictly increasing, or changes code more than "
         "once in one search bucket (raise kSearchMantissaBits in math/quant8.h)");

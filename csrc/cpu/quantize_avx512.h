@@ -1,6 +1,7 @@
-// math/quant8.h's quantize (16 floats at a time) and dequantize (64 at a time, with VBMI) in
-// AVX-512 intrinsics, for the AVX-512 tier. The quantizer's table lookup is one vpgatherdd where
-// AVX2 moves each lane through a general register. Every operation computes math/quant8.h's
+// math/quant8.h's quantize (16 floats at a time, or 64 with VBMI) and dequantize (64 at a time,
+// with VBMI) in AVX-512 intrinsics, for the AVX-512 tier. The quantizer's table lookup is one
+// vpgatherdd where AVX2 moves each lane through a general register; with VBMI, byte permutes
+// search math/quant8_coarse.h's table from registers instead. Every operation computes math/quant8.h's
 // result lane by lane, so the codes and values are bitwise those of the baseline loop
 // (tests/test_cpu_isa.py and tests/test_quant.py check).
 #pragma once
@@ -78,6 +79,89 @@ FUSEDOPT_AVX512_CALL int quantize_block_avx512(const math::QuantMap& q, const fl
                                                uint8_t* codes) {
   return q.zero_code == 0 ? quantize_block_avx512_impl<true>(q, x, len, inv, codes)
                           : quantize_block_avx512_impl<false>(q, x, len, inv, codes);
+}
+
+#define FUSEDOPT_AVX512_VBMI_INLINE __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"), always_inline)) inline
+
+// t[b] for 64 byte lanes b of a 256-byte table: two 128-entry byte permutes, blended on b's top bit.
+FUSEDOPT_AVX512_VBMI_INLINE __m512i lookup256_vbmi(const uint8_t* t, __m512i b, __mmask64 high) {
+  const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), b, _mm512_loadu_si512(t + 64));
+  const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), b, _mm512_loadu_si512(t + 192));
+  return _mm512_mask_blend_epi8(high, lo, hi);
+}
+
+// Four byte planes (byte i of 64 int32 lanes, in packus order: see quantize_block_avx512_impl) as
+// the 64 int32s, 16 per register in element order: the packs' interleaving undone by unpacks.
+FUSEDOPT_AVX512_VBMI_INLINE void unpack_planes_vbmi(const __m512i (&b)[4], __m512i (&v)[4]) {
+  const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+  v[0] = _mm512_unpacklo_epi16(lo01, lo23);
+  v[1] = _mm512_unpackhi_epi16(lo01, lo23);
+  v[2] = _mm512_unpacklo_epi16(hi01, hi23);
+  v[3] = _mm512_unpackhi_epi16(hi01, hi23);
+}
+
+// math::quantize through math/quant8_coarse.h's table (q.coarse.ok), 64 elements at a time: the
+// bucket as a byte per element, then the bucket's code and thresholds by byte permutes.
+template <bool kZeroAtBottom>
+FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::QuantMap& q, const float* x, int len,
+                                                                float inv, uint8_t* codes) {
+  using namespace math;
+  const CoarseTable& t = q.coarse;
+  const __m512 inv16 = _mm512_set1_ps(inv);
+  const __m512 lo = _mm512_set1_ps(q.values[0]), hi = _mm512_set1_ps(q.values[kQuantMapSize - 1]);
+  const __m512i offset0 = _mm512_loadu_si512(t.offset), offset1 = _mm512_loadu_si512(t.offset + 16);
+  const __m512i shift0 = _mm512_loadu_si512(t.shift), shift1 = _mm512_loadu_si512(t.shift + 16);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int k = 0;
+  for (; k + 64 <= len; k += 64) {
+    __m512i bucket[4], key[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512 xr = _mm512_loadu_ps(x + k + 16 * r);
+      __m512 y = _mm512_max_ps(_mm512_mul_ps(xr, inv16), lo);  // clamp_to_map, as in quantize16_avx512
+      y = _mm512_min_ps(hi, y);
+      const __m512i bits = _mm512_castps_si512(y);
+      const __m512i sign = _mm512_srai_epi32(bits, 31);
+      key[r] = _mm512_xor_si512(bits, _mm512_srli_epi32(sign, 1));  // order_key
+      // coarse_bucket: the binade floored at 0 (saturating 16-bit subtraction), its offset and
+      // shift from 32-entry tables, mirrored for negative y; zero_forced elements to kCoarseForced.
+      const __m512i a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+      const __m512i e = _mm512_subs_epu16(_mm512_srli_epi32(a, 23), _mm512_set1_epi32(kCoarseExponentBase));
+      const __m512i mantissa = _mm512_and_si512(a, _mm512_set1_epi32(0x7fffff));
+      const __m512i u = _mm512_add_epi32(_mm512_permutex2var_epi32(offset0, e, offset1),
+                                         _mm512_srlv_epi32(mantissa, _mm512_permutex2var_epi32(shift0, e, shift1)));
+      const __m512i b = _mm512_ternarylogic_epi32(u, sign, _mm512_set1_epi32(0xff), 0x78);  // u ^ (sign & 0xff)
+      const __mmask16 forced = _mm512_cmp_ps_mask(xr, _mm512_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
+      bucket[r] = _mm512_mask_mov_epi32(b, forced, _mm512_set1_epi32(kCoarseForced));
+    }
+    // packus order: 128-bit lane L holds elements 4L..4L+3 of bucket[0], then of bucket[1], ...
+    const __m512i bytes =
+        _mm512_packus_epi16(_mm512_packus_epi32(bucket[0], bucket[1]), _mm512_packus_epi32(bucket[2], bucket[3]));
+    const __mmask64 high = _mm512_movepi8_mask(bytes);
+    __m512i count[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int j = 0; j < kCoarseChanges; ++j) {
+      __m512i plane[4], threshold[4];
+      for (int i = 0; i < 4; ++i) plane[i] = lookup256_vbmi(t.threshold[j][i], bytes, high);
+      unpack_planes_vbmi(plane, threshold);
+      for (int r = 0; r < 4; ++r) {
+        count[r] = _mm512_mask_sub_epi32(count[r], _mm512_cmpge_epi32_mask(key[r], threshold[r]), count[r],
+                                         _mm512_set1_epi32(-1));
+      }
+    }
+    const __m512i added =
+        _mm512_packus_epi16(_mm512_packus_epi32(count[0], count[1]), _mm512_packus_epi32(count[2], count[3]));
+    const __m512i c = _mm512_add_epi8(lookup256_vbmi(t.code, bytes, high), added);
+    _mm512_storeu_si512(codes + k, _mm512_permutexvar_epi32(order, c));
+  }
+  return k;
+}
+
+// quantize_block_avx512 with byte permutes in place of the gather, for a map whose coarse table
+// was built (q.coarse.ok).
+__attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"))) inline int quantize_block_avx512_vbmi(
+    const math::QuantMap& q, const float* x, int len, float inv, uint8_t* codes) {
+  return q.zero_code == 0 ? quantize_block_avx512_vbmi_impl<true>(q, x, len, inv, codes)
+                          : quantize_block_avx512_vbmi_impl<false>(q, x, len, inv, codes);
 }
 
 // out[k] = values[codes[k]] * absmax for the first len - len % 64 elements, with AVX-512 VBMI;

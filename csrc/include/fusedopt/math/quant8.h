@@ -10,8 +10,9 @@
 // the signed one -1 too, so a block's largest element and zeros round-trip exactly.
 //
 // cpu/quantize_avx2.h and cpu/quantize_avx512.h transcribe clamp_to_map, search_bucket,
-// search_key, table_code and zero_forced lane by lane in intrinsics: change them together
-// (tests/test_quant.py and tests/test_cpu_isa.py compare them bitwise).
+// search_key, table_code and zero_forced lane by lane in intrinsics (and, with VBMI,
+// math/quant8_coarse.h's coarse_bucket and coarse_code in place of the table_code): change them
+// together (tests/test_quant.py and tests/test_cpu_isa.py compare them bitwise).
 #pragma once
 
 #include <cmath>
@@ -19,6 +20,7 @@
 
 #include "fusedopt/dtype.h"
 #include "fusedopt/macros.h"
+#include "fusedopt/math/quant8_coarse.h"
 
 namespace fusedopt {
 namespace math {
@@ -89,6 +91,8 @@ struct QuantMap {
   // values[c]'s bits as four bytes (value_bytes[j][c] = bits >> 8j): 64 codes are dequantized by
   // byte permutes from registers on AVX-512 VBMI (cpu/quantize_avx512.h).
   uint8_t value_bytes[4][kQuantMapSize];
+  // table_code's answers in 256 buckets, for the AVX-512 VBMI quantizer (math/quant8_coarse.h).
+  CoarseTable coarse;
 };
 
 // |y| <= 1 -> bucket in [0, kSearchBucketsPerSign), non-decreasing in |y|: the binade and top
@@ -143,7 +147,8 @@ FUSEDOPT_HD uint8_t quantize(const QuantMap& q, float x, float inv) {
 
 // Host: fills q from 256 strictly increasing values in [-1, 1] holding 0. Returns false for a map the table
 // cannot serve exactly (no zero, a value outside [-1, 1], or more than one code change in a bucket).
-inline bool build_quant_map(const float* values, QuantMap* q) {
+// coarse = false leaves q->coarse.ok = 0 (so that tests reach the gathering quantizer on any CPU).
+inline bool build_quant_map(const float* values, QuantMap* q, bool coarse = true) {
   q->zero_code = -1;
   for (int c = 0; c < kQuantMapSize; ++c) {
     q->values[c] = values[c] == 0.0f ? 0.0f : values[c];  // -0 as +0: clamp_to_map's bounds keep y's sign
@@ -198,6 +203,11 @@ inline bool build_quant_map(const float* values, QuantMap* q) {
     // The positive bucket holds y in [lo, hi], the negative one y in [-hi, -lo].
     exact = fill(kSearchBucketsPerSign + u, lo, hi, u > 0, false) && exact;
     exact = fill(kSearchBucketsPerSign - 1 - u, -hi, -lo, u > 0, true) && exact;
+  }
+  q->coarse = CoarseTable{};
+  if (exact && coarse) {
+    build_coarse_table(q->values[0], q->values[kQuantMapSize - 1], zc, [q](float y) { return table_code(*q, y); },
+                       &q->coarse);
   }
   return exact;
 }
