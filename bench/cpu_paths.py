@@ -2,7 +2,8 @@
 
 - the 8-bit quantizer and dequantizer of each instruction-set tier (one thread, a 64K-element
   buffer: L2-resident), through the raw blockwise entry points (the quantize row includes the
-  block absmax);
+  block absmax); in the AVX-512 tier of a CPU with VBMI, both of its quantizers (byte permutes
+  over the coarse table, and the gather);
 - torch's bmm in fp32, bf16 and fp16 (8 x 512^3), and Newton-Schulz on 8 bf16 512x512 matrices
   through each of newton_schulz.iterate's CPU paths (native 16-bit GEMMs, or fp32 GEMMs rounded
   to bf16 per product; newton_schulz.cpu_has_16bit_matmul picks one);
@@ -28,6 +29,12 @@ from fusedopt._ops import muon_prepare_
 from fusedopt.benchmarks.common import env_stamp, markdown_table, time_cpu, write_results
 
 
+def _map_without_coarse_table(signed: bool) -> torch.Tensor:
+    out = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
+    lib().build_quant_map(quant.dynamic_map(signed).data_ptr(), out.data_ptr(), False)
+    return out
+
+
 def quantizer_rows() -> list[list]:
     torch.set_num_threads(1)
     n = 1 << 16
@@ -41,13 +48,19 @@ def quantizer_rows() -> list[list]:
             if lib().cpu_isa() != tier:
                 continue
             for signed in (True, False):
-                xs, qm = (x if signed else x.abs()), quant.quant_map(signed)
-                q = time_cpu(lambda: lib().quantize_blockwise(xs.data_ptr(), n, qm.data_ptr(), codes.data_ptr(),
-                                                              absmax.data_ptr(), 1))
-                d = time_cpu(lambda: lib().dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), n, qm.data_ptr(),
-                                                                out.data_ptr(), 1))
-                rows.append([tier, "signed" if signed else "unsigned", f"{q.median_ms * 1e6 / n:.3f}",
-                             f"{d.median_ms * 1e6 / n:.3f}"])
+                xs = x if signed else x.abs()
+                # The optimizers' map, and the same map without the coarse table: in the AVX-512
+                # tier with VBMI the two run different quantizers (math/quant8_coarse.h).
+                maps = {}
+                for qm in (quant.quant_map(signed), _map_without_coarse_table(signed)):
+                    maps.setdefault(lib().cpu_quantizer(qm.data_ptr()), qm)
+                for path, qm in maps.items():
+                    q = time_cpu(lambda: lib().quantize_blockwise(xs.data_ptr(), n, qm.data_ptr(), codes.data_ptr(),
+                                                                  absmax.data_ptr(), 1))
+                    d = time_cpu(lambda: lib().dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), n,
+                                                                    qm.data_ptr(), out.data_ptr(), 1))
+                    rows.append([tier, "signed" if signed else "unsigned", path, f"{q.median_ms * 1e6 / n:.3f}",
+                                 f"{d.median_ms * 1e6 / n:.3f}"])
     finally:
         lib().set_cpu_isa_limit("avx512")
     return rows
@@ -99,7 +112,7 @@ def main() -> None:
     prep_rows = prepare_rows(args.threads)
     body = "\n\n".join([
         "## 8-bit quantizer per tier (1 thread, 64K elements, ns per element; quantize includes the block absmax)",
-        markdown_table(["tier", "map", "quantize", "dequantize"], quant_rows),
+        markdown_table(["tier", "map", "quantizer", "quantize", "dequantize"], quant_rows),
         f"## 16-bit GEMMs and Newton-Schulz ({args.threads} threads, ms)",
         markdown_table(["what", "ms", "path"], mm_rows),
         f"## Muon prepare ({args.threads} threads)",

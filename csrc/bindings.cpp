@@ -235,6 +235,10 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t map) { return reinterpret_cast<const math::QuantMap*>(map)->coarse.ok != 0; },
         "Whether a built math::QuantMap holds the AVX-512 VBMI quantizer's table (math/quant8_coarse.h)",
         py::arg("map"));
+  m.def("cpu_quantizer", &cpu_quantizer,
+        "The quantizer the CPU loops run for a built map at the current instruction-set tier: 'scalar', "
+        "'avx2', 'avx512 gather' or 'avx512 byte permutes' (VBMI, and a map with the coarse table)",
+        py::arg("map"));
   m.def(
       "quantize_blockwise",
       [](uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax, int num_threads) {

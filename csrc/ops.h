@@ -133,6 +133,8 @@ void symmetric_gram_cuda(const GramLaunch& launch);
 // Fills the math::QuantMap at `out` (sizeof(math::QuantMap) bytes, host) from 256 sorted floats;
 // throws when the map is too dense for the table-guided search to be exact.
 void build_quant_map(uintptr_t values, uintptr_t out, bool coarse);
+// Which quantizer the CPU loops run for a built map at the current instruction-set tier.
+const char* cpu_quantizer(uintptr_t map);
 
 // n fp32 values <-> uint8 codes + one absmax per 256-element block, on the CPU, through
 // math/quant8.h (checkpoint conversion and tests use these; the optimizers never do). `map` is a

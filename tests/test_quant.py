@@ -56,7 +56,7 @@ def _data(n, scale_spread=True):
 def _hard_inputs(q):
     """Where a table-guided search could slip: every map value, the float midpoints between
     neighbours and the floats just around both, every bucket edge of math/quant8.h (powers of two
-    and 1/64 steps of each binade down to 2^-30), and a log-uniform sweep of [-1, 1]."""
+    and 1/128 steps of each binade down to 2^-30), and a log-uniform sweep of [-1, 1]."""
     mids = (q[1:] + q[:-1]) / 2
     pts = torch.cat([q, mids])
     edges = torch.cat([2.0 ** torch.arange(-30, 1).float() * (1 + torch.arange(128).float()[:, None] / 128)]).flatten()  # bucket edges: 2**kSearchMantissaBits per binade
@@ -67,23 +67,59 @@ def _hard_inputs(q):
     return x.clamp(q[0].item(), q[-1].item())
 
 
-@pytest.mark.parametrize("signed", [True, False])
+def _maps_for_search_tests():
+    """The two dynamic maps, and two whose range is not [-1, 1] (the coarse table's buckets are
+    then clipped to it): the signed map scaled by 0.75, and one whose negative half is squeezed."""
+    return {"signed": SMAP, "unsigned": UMAP, "scaled": SMAP * 0.75,
+            "asymmetric": torch.cat([SMAP[SMAP < 0] * 0.8, SMAP[SMAP >= 0]])}
+
+
+def _blocks_led_by_one(y):
+    """y in blocks of 255 after a 1, so every block's absmax is 1 (the maps reach at most 1 and
+    x * inv == x)."""
+    y = torch.nn.functional.pad(y, (0, (-y.numel()) % 255))
+    return torch.cat([torch.ones(y.numel() // 255, 1), y.view(-1, 255)], dim=1).flatten()
+
+
+def _expected_quantizer(tier, coarse):
+    if tier != "avx512":
+        return {"baseline": "scalar", "avx2": "avx2"}[tier]
+    with open("/proc/cpuinfo") as f:
+        vbmi = " avx512vbmi " in f.read().replace("\n", " ")
+    return "avx512 byte permutes" if coarse and vbmi else "avx512 gather"
+
+
+@pytest.mark.parametrize("which", ["signed", "unsigned", "scaled", "asymmetric"])
 @pytest.mark.parametrize("coarse", [True, False], ids=["coarse_table", "no_coarse_table"])
-def test_table_search_equals_reference_at_every_edge(signed, coarse, tier):
+def test_table_search_equals_reference_at_every_edge(which, coarse, tier):
     """Every tier's search, and in the AVX-512 tier both (with VBMI the byte-permute search of
     math/quant8_coarse.h's table; without VBMI, or for a map built without that table, the gather
     from QuantMap::bucket), give the reference's codes at every edge."""
-    q = quant.dynamic_map(signed)
+    q = _maps_for_search_tests()[which]
     y = _hard_inputs(q)
-    if not signed:
+    if which == "unsigned":
         y = y.abs()
-    # Blocks whose first element is 1, so absmax = 1 and x * inv == x.
-    y = torch.nn.functional.pad(y, (0, (-y.numel()) % 255))
-    x = torch.cat([torch.ones(y.numel() // 255, 1), y.view(-1, 255)], dim=1).flatten()
+    x = _blocks_led_by_one(y)
     qm = _built_map(q, coarse)
     assert _has_coarse_table(qm) == coarse
+    from fusedopt._ext import lib
+    assert lib().cpu_quantizer(qm.data_ptr()) == _expected_quantizer(tier, coarse)
     codes, absmax = _raw_quantize(x, qm)
     assert bool((absmax == 1).all())
+    assert torch.equal(codes, reference_quantize(x, absmax, q))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("coarse", [True, False], ids=["coarse_table", "no_coarse_table"])
+def test_every_float_of_the_densest_binade(signed, coarse):
+    """All 2^23 floats of [0.5, 1) (and their negatives in the signed map), where the maps hold
+    the most codes per binade and the coarse table the most changes per bucket."""
+    y = torch.arange(0x3F000000, 0x3F800000, dtype=torch.int32).view(torch.float32)
+    if signed:
+        y = torch.cat([y, -y])
+    q = quant.dynamic_map(signed)
+    x = _blocks_led_by_one(y)
+    codes, absmax = _raw_quantize(x, _built_map(q, coarse))
     assert torch.equal(codes, reference_quantize(x, absmax, q))
 
 
@@ -218,11 +254,13 @@ def _has_coarse_table(qm):
 
 def test_coarse_table_holds_the_dynamic_maps_and_refuses_denser_ones():
     """The optimizers' maps get the 256-bucket table (their AVX-512 VBMI quantizer does not
-    gather); a map with more code changes than 256 buckets of kCoarseChanges hold does not, and is
-    then quantized by the gather (test_map_with_zero_as_its_top_code_on_every_tier: its 255
-    negative codes share the 127 buckets of one sign)."""
+    gather); a map that 127 buckets per sign cannot hold does not, and is then quantized by the
+    gather (test_map_with_zero_as_its_top_code_on_every_tier: all 255 nonzero codes of this one
+    are negative)."""
     assert _has_coarse_table(quant.quant_map(True)) and _has_coarse_table(quant.quant_map(False))
     assert not _has_coarse_table(_built_map(-torch.flip(UMAP, [0])))
+    # Negative codes squeezed into [-0.3, 0): the two signs' dense binades no longer coincide.
+    assert not _has_coarse_table(_built_map(torch.cat([SMAP[SMAP < 0] * 0.3, SMAP[SMAP >= 0]])))
 
 
 def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_tier(tier):
@@ -261,7 +299,9 @@ def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, coarse, tier
     zc = int((values == 0).nonzero())
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 1e-38, -3.0, 2.5e38])
     x = torch.cat([special.repeat(26)[:256], special.roll(3).repeat(26)[:256] * -1.0])  # two blocks, inf in both
-    codes, _ = _raw_quantize(x, _built_map(values, coarse))
+    qm = _built_map(values, coarse)
+    assert _has_coarse_table(qm) == (coarse and which != "zero_on_top")  # see test_coarse_table_holds_...
+    codes, _ = _raw_quantize(x, qm)
     down = zc - 1 if zc > 0 else zc
     up = zc + 1 if zc < 255 else zc
     nearest = torch.where(x.isnan() | x.isinf(), 0, zc)  # of y = map[0] or +-0

@@ -93,7 +93,7 @@ inline bool has_avx512() {
   return yes;
 }
 
-// Within the AVX-512 tier, where the 8-bit dequantizer may use byte permutes.
+// Within the AVX-512 tier, where the 8-bit dequantizer and quantizer may use byte permutes.
 inline bool has_avx512_vbmi() {
   static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vbmi");
   return yes;

@@ -22,6 +22,19 @@ void build_quant_map(uintptr_t values, uintptr_t out, bool coarse) {
   }
 }
 
+const char* cpu_quantizer(uintptr_t map) {
+  const math::QuantMap& q = *reinterpret_cast<const math::QuantMap*>(map);
+  switch (cpu::best_isa()) {
+    case cpu::Isa::kBaseline: return "scalar";
+    case cpu::Isa::kAvx2: return "avx2";
+    default: break;
+  }
+#if defined(__x86_64__)
+  if (cpu::has_avx512_vbmi() && q.coarse.ok) return "avx512 byte permutes";
+#endif
+  return "avx512 gather";
+}
+
 void quantize_blockwise_cpu(uintptr_t src, int64_t n, uintptr_t map, uintptr_t codes, uintptr_t absmax,
                             int num_threads) {
   const float* x = reinterpret_cast<const float*>(src);

@@ -1,9 +1,9 @@
-// math/quant8.h's quantize (16 floats at a time, or 64 with VBMI) and dequantize (64 at a time,
-// with VBMI) in AVX-512 intrinsics, for the AVX-512 tier. The quantizer's table lookup is one
-// vpgatherdd where AVX2 moves each lane through a general register; with VBMI, byte permutes
-// search math/quant8_coarse.h's table from registers instead. Every operation computes math/quant8.h's
-// result lane by lane, so the codes and values are bitwise those of the baseline loop
-// (tests/test_cpu_isa.py and tests/test_quant.py check).
+// math/quant8.h's quantize and dequantize (with VBMI) in AVX-512 intrinsics, for the AVX-512
+// tier. The quantizer's table lookup is one vpgatherdd where AVX2 moves each lane through a
+// general register; with VBMI, and a map whose coarse table was built (q.coarse.ok), byte
+// permutes search math/quant8_coarse.h's table from registers instead, computing its
+// coarse_bucket and coarse_code lane by lane. Either way the codes and values are bitwise those
+// of the baseline loop (tests/test_cpu_isa.py and tests/test_quant.py check).
 #pragma once
 
 #if defined(__x86_64__)
@@ -90,8 +90,9 @@ FUSEDOPT_AVX512_VBMI_INLINE __m512i lookup256_vbmi(const uint8_t* t, __m512i b, 
   return _mm512_mask_blend_epi8(high, lo, hi);
 }
 
-// Four byte planes (byte i of 64 int32 lanes, in packus order: see quantize_block_avx512_impl) as
-// the 64 int32s, 16 per register in element order: the packs' interleaving undone by unpacks.
+// Four byte planes (byte i of 64 int32 lanes; byte 16L + 4r + d of a plane belongs to register
+// r's lane 4L + d, the order packus_epi32 then packus_epi16 leave) as the 64 int32s, 16 per
+// register in element order.
 FUSEDOPT_AVX512_VBMI_INLINE void unpack_planes_vbmi(const __m512i (&b)[4], __m512i (&v)[4]) {
   const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
   const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
@@ -190,10 +191,8 @@ __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"))) inline int dequant
       b[j] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table[j][0], c, table[j][1]),
                                     _mm512_permutex2var_epi8(table[j][2], c, table[j][3]));
     }
-    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
-    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
-    const __m512i v[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
-                          _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    __m512i v[4];
+    unpack_planes_vbmi(b, v);
     for (int r = 0; r < 4; ++r) _mm512_storeu_ps(out + k + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(v[r]), scale));
   }
   return k;

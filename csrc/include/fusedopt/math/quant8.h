@@ -10,9 +10,10 @@
 // the signed one -1 too, so a block's largest element and zeros round-trip exactly.
 //
 // cpu/quantize_avx2.h and cpu/quantize_avx512.h transcribe clamp_to_map, search_bucket,
-// search_key, table_code and zero_forced lane by lane in intrinsics (and, with VBMI,
-// math/quant8_coarse.h's coarse_bucket and coarse_code in place of the table_code): change them
-// together (tests/test_quant.py and tests/test_cpu_isa.py compare them bitwise).
+// search_key, table_code and zero_forced lane by lane in intrinsics (the AVX-512 VBMI quantizer:
+// clamp_to_map, zero_forced, and math/quant8_coarse.h's coarse_bucket and coarse_code in place
+// of the search): change them together (tests/test_quant.py and tests/test_cpu_isa.py compare
+// every tier's codes bitwise with a torch reference).
 #pragma once
 
 #include <cmath>
@@ -205,10 +206,31 @@ inline bool build_quant_map(const float* values, QuantMap* q, bool coarse = true
     exact = fill(kSearchBucketsPerSign - 1 - u, -hi, -lo, u > 0, true) && exact;
   }
   q->coarse = CoarseTable{};
-  if (exact && coarse) {
-    build_coarse_table(q->values[0], q->values[kQuantMapSize - 1], zc, [q](float y) { return table_code(*q, y); },
-                       &q->coarse);
+  if (!exact || !coarse) return exact;
+  const float lo = q->values[0], hi = q->values[kQuantMapSize - 1];
+  build_coarse_table(lo, hi, zc, [q](float y) { return table_code(*q, y); }, &q->coarse);
+  if (!q->coarse.ok) return exact;
+  // build_coarse_table checked its own change points; here both ends and the carry point of
+  // every bucket of the fine table (both signs), where table_code can change. Between consecutive
+  // points of the two sets both forms are constant, so agreeing at all of them is agreeing
+  // everywhere in [lo, hi].
+  auto agrees = [&](float y) {
+    if (!(y >= lo && y <= hi)) return true;  // clamped y never lie outside the map
+    return coarse_code(q->coarse, coarse_bucket(q->coarse, y), y) == table_code(*q, y);
+  };
+  bool same = agrees(lo);
+  for (int u = 0; u < kSearchBucketsPerSign && same; ++u) {
+    const uint32_t a = first_bits(u);
+    if (a > one) break;
+    const uint32_t z = u + 1 < kSearchBucketsPerSign ? first_bits(u + 1) - 1 : one;
+    const uint32_t carry_up = q->bucket[kSearchBucketsPerSign + u] & kSearchLowMask;
+    const uint32_t carry_down = q->bucket[kSearchBucketsPerSign - 1 - u] & kSearchLowMask;
+    same = agrees(bits_float(a)) && agrees(bits_float(z)) && agrees(-bits_float(a)) && agrees(-bits_float(z));
+    // The code goes up at key 2^16 - carry: low bits of |y| for y > 0, their complement for y < 0.
+    if (carry_up != 0) same = same && agrees(bits_float(a | ((1u << kSearchLowBits) - carry_up)));
+    if (carry_down != 0) same = same && agrees(-bits_float(a | (((1u << kSearchLowBits) - carry_down) ^ kSearchLowMask)));
   }
+  if (!same) q->coarse.ok = 0;
   return exact;
 }
 

@@ -1,16 +1,17 @@
 // A second form of math/quant8.h's rounding table, small enough to be searched by byte permutes
 // from registers: the AVX-512 VBMI quantizer (cpu/quantize_avx512.h) reads it where the other
-// tiers gather from QuantMap::bucket. A gather is microcoded on AMD's AVX-512 cores: on a Zen 5
-// the gathering quantizer spent 0.39 ns per element, 0.27 this way (throwaway microbenchmark).
+// tiers gather from QuantMap::bucket. A gather is microcoded on AMD's AVX-512 cores; the two
+// quantizers' times per element are in bench/cpu_paths.py's table (results under bench/results/).
 //
 // 256 buckets instead of 6400: a bucket is a binade of |y| cut into 2^s equal parts, s chosen per
 // binade by the builder (more parts where the map is dense), so a bucket may hold up to
 // kCoarseChanges code changes. A bucket stores the code at its smallest y and the int32 order keys
 // of y where the code goes up (kNoChange where it does not):
 //   code(y) = code[b] + sum_j (order_key(y) >= threshold_j[b])
-// The builder reads every code from QuantMap's table (table_code), so both forms give the same
-// code for every clamped y; it gives up (ok = 0, and the quantizer gathers) for a map too dense
-// for 256 buckets.
+// The builder reads every code from QuantMap's table (table_code), and build_quant_map then
+// compares the two forms at every point where either one's code can change (both are constant
+// between those points), so they agree for every clamped y. Where the map is too dense for 256
+// buckets, or the comparison fails, ok stays 0 and the quantizer gathers.
 #pragma once
 
 #include <cstdint>
@@ -27,14 +28,13 @@ constexpr int kCoarseBuckets = 256;
 // (one bucket), b' = 25 only |y| = 1 (one bucket), the 24 binades between are cut.
 constexpr int kCoarseExponentBase = 102;
 constexpr int kCoarseBinades = 26;
-constexpr int kCoarseWhole = 32;  // the shift of a binade that is one bucket: every mantissa gives 0
 constexpr int kCoarseForced = kCoarseBuckets - 1;  // zero_forced elements: the zero code, no change
 constexpr int32_t kNoChange = 0x7fffffff;          // above every key of |y| <= 1
 
 struct CoarseTable {
-  int32_t ok;         // 0: the map needs more buckets; use QuantMap::bucket
+  int32_t ok;          // 0: not built (too dense a map, or build_quant_map(coarse = false)): gather
   int32_t offset[32];  // first bucket of binade b' (128 + ... where the map has negative codes)
-  int32_t shift[32];   // a binade's bucket is its mantissa >> shift[b']
+  int32_t shift[32];   // a binade's bucket is its mantissa >> shift[b'] (23 for a binade in one bucket)
   uint8_t code[kCoarseBuckets];
   // threshold_j[b]'s bytes: threshold[j][i][b] = key >> 8i, for byte permutes.
   uint8_t threshold[kCoarseChanges][4][kCoarseBuckets];
@@ -48,13 +48,12 @@ FUSEDOPT_HD int32_t order_key(float y) {
 }
 
 // y's bucket: binade and top mantissa bits of |y|; negative y mirror positive ones (b ^ 255)
-// where the map has negative codes. |y| <= 1.
+// where the map has negative codes. |y| <= 1 (b' <= 25 indexes the 32-entry tables).
 FUSEDOPT_HD int coarse_bucket(const CoarseTable& c, float y) {
   const uint32_t bits = float_bits(y), a = bits & 0x7fffffffu;
   const int e = int(a >> 23) - kCoarseExponentBase;
   const int b = e > 0 ? e : 0;
-  const int sh = c.shift[b];
-  const int u = c.offset[b] + int(sh >= kCoarseWhole ? 0u : (a & 0x7fffffu) >> sh);
+  const int u = c.offset[b] + int((a & 0x7fffffu) >> c.shift[b]);
   return (bits >> 31) != 0 ? u ^ 0xff : u;
 }
 
@@ -73,9 +72,11 @@ FUSEDOPT_HD int coarse_code(const CoarseTable& c, int b, float y) {
 }
 
 // Host: fills c from code_of(y) (the code of a clamped y, non-decreasing in y; its table_code)
-// over y in [lo, hi], the map's range. Sets c->ok = 0 where 256 buckets cannot hold the map.
+// over y in [lo, hi], the map's range, and checks it at its own change points (bucket ends and
+// thresholds; build_quant_map checks the rest). c->ok = 0 where 256 buckets cannot hold the map
+// or a check fails.
 template <typename CodeOf>
-bool build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, CoarseTable* c) {
+void build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, CoarseTable* c) {
   *c = CoarseTable{};
   const bool negative = lo < 0.0f;  // negative codes: each sign gets half the buckets
   const int budget = negative ? kCoarseBuckets / 2 - 1 : kCoarseBuckets - 1;
@@ -119,15 +120,15 @@ bool build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
         if (n > worst) worst = n, worst_binade = b;
       }
     }
-    if (total > budget) return false;
+    if (total > budget) return;
     if (worst_binade < 0) break;
-    if (whole(worst_binade) || s[worst_binade] == 23) return false;
+    if (whole(worst_binade) || s[worst_binade] == 23) return;
     ++s[worst_binade];
   }
   int next = negative ? kCoarseBuckets / 2 : 0;
   for (int b = 0; b < kCoarseBinades; ++b) {
     c->offset[b] = next;
-    c->shift[b] = whole(b) ? kCoarseWhole : 23 - s[b];
+    c->shift[b] = 23 - s[b];
     next += 1 << s[b];
   }
   for (int j = 0; j < kCoarseChanges; ++j) {
@@ -173,7 +174,6 @@ bool build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
   }
   c->code[kCoarseForced] = uint8_t(zero_code);
   c->ok = agrees ? 1 : 0;
-  return agrees;
 }
 
 }  // namespace math
