@@ -186,6 +186,33 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Flags that tell the CPU loops' paths apart (and name a machine whose "model name" is generic,
+# as VMs report "AMD EPYC" for Zen 3 and Zen 5 alike).
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vbmi", "avx512_vbmi2", "avx512_bf16", "avx512_fp16",
+                 "avx512_vp2intersect", "amx_tile", "amx_bf16")
+
+
+def _cpu_features() -> dict:
+    """The _CPU_FEATURES this CPU has, and its per-core L1d/L2 sizes (None where unknown)."""
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    caches = {}
+    for level, name in (("index0", "l1d"), ("index2", "l2")):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/{level}/size") as f:
+                caches[name] = f.read().strip()
+        except OSError:
+            caches[name] = None
+    return {"flags": [x for x in _CPU_FEATURES if x in flags], **caches}
+
+
 def _file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
@@ -213,6 +240,7 @@ def env_stamp(device: str, command: str) -> dict:
         "command": command,
         "device": device,
         "cpu_model": _cpu_model(),
+        "cpu_features": _cpu_features(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
