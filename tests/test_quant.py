@@ -84,8 +84,11 @@ def _blocks_led_by_one(y):
 def _expected_quantizer(tier, coarse):
     if tier != "avx512":
         return {"baseline": "scalar", "avx2": "avx2"}[tier]
-    with open("/proc/cpuinfo") as f:
-        vbmi = " avx512vbmi " in f.read().replace("\n", " ")
+    try:
+        with open("/proc/cpuinfo") as f:
+            vbmi = " avx512vbmi " in f.read().replace("\n", " ")
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell whether this CPU has AVX-512 VBMI")
     return "avx512 byte permutes" if coarse and vbmi else "avx512 gather"
 
 
