@@ -103,7 +103,8 @@ FUSEDOPT_AVX512_VBMI_INLINE void unpack_planes_vbmi(const __m512i (&b)[4], __m51
 }
 
 // math::quantize through math/quant8_coarse.h's table (q.coarse.ok), 64 elements at a time: the
-// bucket as a byte per element, then the bucket's code and thresholds by byte permutes.
+// bucket as a byte per element, then the bucket's code and thresholds by byte permutes, compared
+// with the order keys' bytes (coarse_code) in the same byte order.
 template <bool kZeroAtBottom>
 FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::QuantMap& q, const float* x, int len,
                                                                 float inv, uint8_t* codes) {
@@ -114,6 +115,14 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
   const __m512i offset0 = _mm512_loadu_si512(t.offset), offset1 = _mm512_loadu_si512(t.offset + 16);
   const __m512i shift0 = _mm512_loadu_si512(t.shift), shift1 = _mm512_loadu_si512(t.shift + 16);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  // packus order (below): byte 16L + 4r + d is register r's lane 4L + d. kKeyByte picks byte 0 of
+  // that lane from two registers (r and r ^ 1, 64 bytes apart); + i picks byte i.
+  alignas(64) static constexpr uint8_t kKeyByte[64] = {
+      0,  4,  8,  12, 64, 68, 72, 76,  0,  4,  8,  12, 64, 68, 72, 76,  16, 20, 24, 28, 80, 84,
+      88, 92, 16, 20, 24, 28, 80, 84, 88, 92, 32, 36, 40, 44, 96, 100, 104, 108, 32, 36, 40, 44,
+      96, 100, 104, 108, 48, 52, 56, 60, 112, 116, 120, 124, 48, 52, 56, 60, 112, 116, 120, 124};
+  const __m512i key_byte = _mm512_load_si512(kKeyByte);
+  constexpr __mmask64 kFromRegisters23 = 0xff00ff00ff00ff00ull;
   int k = 0;
   for (; k + 64 <= len; k += 64) {
     __m512i bucket[4], key[4];
@@ -123,7 +132,7 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
       y = _mm512_min_ps(hi, y);
       const __m512i bits = _mm512_castps_si512(y);
       const __m512i sign = _mm512_srai_epi32(bits, 31);
-      key[r] = _mm512_xor_si512(bits, _mm512_srli_epi32(sign, 1));  // order_key
+      key[r] = _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(0x7fffffff), 0x78);  // order_key: a ^ (b & c)
       // coarse_bucket: the binade floored at 0 (saturating 16-bit subtraction), its offset and
       // shift from 32-entry tables, mirrored for negative y; zero_forced elements to kCoarseForced.
       const __m512i a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
@@ -135,23 +144,25 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
       const __mmask16 forced = _mm512_cmp_ps_mask(xr, _mm512_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
       bucket[r] = _mm512_mask_mov_epi32(b, forced, _mm512_set1_epi32(kCoarseForced));
     }
-    // packus order: 128-bit lane L holds elements 4L..4L+3 of bucket[0], then of bucket[1], ...
     const __m512i bytes =
         _mm512_packus_epi16(_mm512_packus_epi32(bucket[0], bucket[1]), _mm512_packus_epi32(bucket[2], bucket[3]));
     const __mmask64 high = _mm512_movepi8_mask(bytes);
-    __m512i count[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int j = 0; j < kCoarseChanges; ++j) {
-      __m512i plane[4], threshold[4];
-      for (int i = 0; i < 4; ++i) plane[i] = lookup256_vbmi(t.threshold[j][i], bytes, high);
-      unpack_planes_vbmi(plane, threshold);
-      for (int r = 0; r < 4; ++r) {
-        count[r] = _mm512_mask_sub_epi32(count[r], _mm512_cmpge_epi32_mask(key[r], threshold[r]), count[r],
-                                         _mm512_set1_epi32(-1));
-      }
+    __m512i key_plane[3];  // byte i of the 64 keys, in packus order
+    for (int i = 0; i < 3; ++i) {
+      const __m512i at = _mm512_add_epi8(key_byte, _mm512_set1_epi8(char(i)));
+      key_plane[i] = _mm512_mask_blend_epi8(kFromRegisters23, _mm512_permutex2var_epi8(key[0], at, key[1]),
+                                            _mm512_permutex2var_epi8(key[2], at, key[3]));
     }
-    const __m512i added =
-        _mm512_packus_epi16(_mm512_packus_epi32(count[0], count[1]), _mm512_packus_epi32(count[2], count[3]));
-    const __m512i c = _mm512_add_epi8(lookup256_vbmi(t.code, bytes, high), added);
+    __m512i c = lookup256_vbmi(t.code, bytes, high);
+    for (int j = 0; j < kCoarseChanges; ++j) {
+      // low24(key) > threshold, most significant byte first
+      __mmask64 above = _mm512_cmpgt_epu8_mask(key_plane[0], lookup256_vbmi(t.threshold[j][0], bytes, high));
+      for (int i = 1; i < 3; ++i) {
+        const __m512i ti = lookup256_vbmi(t.threshold[j][i], bytes, high);
+        above = _mm512_cmpgt_epu8_mask(key_plane[i], ti) | _mm512_mask_cmpeq_epi8_mask(above, key_plane[i], ti);
+      }
+      c = _mm512_mask_sub_epi8(c, above, c, _mm512_set1_epi8(-1));
+    }
     _mm512_storeu_si512(codes + k, _mm512_permutexvar_epi32(order, c));
   }
   return k;

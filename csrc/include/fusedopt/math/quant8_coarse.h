@@ -5,9 +5,14 @@
 //
 // 256 buckets instead of 6400: a bucket is a binade of |y| cut into 2^s equal parts, s chosen per
 // binade by the builder (more parts where the map is dense), so a bucket may hold up to
-// kCoarseChanges code changes. A bucket stores the code at its smallest y and the int32 order keys
-// of y where the code goes up (kNoChange where it does not):
-//   code(y) = code[b] + sum_j (order_key(y) >= threshold_j[b])
+// kCoarseChanges code changes. A bucket stores the code at its smallest y and, for each change,
+// the low 3 bytes of the int32 order key just below the first y with the higher code (0xffffff
+// where there is no change):
+//   code(y) = code[b] + sum_j (low24(order_key(y)) > threshold_j[b])
+// The keys of one binade share their top byte (the sign and 7 of the 8 exponent bits), so the
+// low 3 bytes order them: the byte-permute quantizer compares 64 keys byte by byte, with no
+// byte-to-int32 unpacking. (The bucket of every |y| under 2^-24 spans binades: it may hold no
+// change.)
 // The builder reads every code from QuantMap's table (table_code), and build_quant_map then
 // compares the two forms at every point where either one's code can change (both are constant
 // between those points), so they agree for every clamped y. Where the map is too dense for 256
@@ -29,15 +34,15 @@ constexpr int kCoarseBuckets = 256;
 constexpr int kCoarseExponentBase = 102;
 constexpr int kCoarseBinades = 26;
 constexpr int kCoarseForced = kCoarseBuckets - 1;  // zero_forced elements: the zero code, no change
-constexpr int32_t kNoChange = 0x7fffffff;          // above every key of |y| <= 1
+constexpr uint32_t kNoChange = 0xffffff;           // no low24 key is above it
 
 struct CoarseTable {
   int32_t ok;          // 0: not built (too dense a map, or build_quant_map(coarse = false)): gather
   int32_t offset[32];  // first bucket of binade b' (128 + ... where the map has negative codes)
   int32_t shift[32];   // a binade's bucket is its mantissa >> shift[b'] (23 for a binade in one bucket)
   uint8_t code[kCoarseBuckets];
-  // threshold_j[b]'s bytes: threshold[j][i][b] = key >> 8i, for byte permutes.
-  uint8_t threshold[kCoarseChanges][4][kCoarseBuckets];
+  // threshold_j[b]'s bytes: threshold[j][i][b] = low24 >> 8i, for byte permutes.
+  uint8_t threshold[kCoarseChanges][3][kCoarseBuckets];
 };
 
 // An int32 increasing in y over all non-NaN floats (-0 just below +0): the sign bit, then the
@@ -57,17 +62,17 @@ FUSEDOPT_HD int coarse_bucket(const CoarseTable& c, float y) {
   return (bits >> 31) != 0 ? u ^ 0xff : u;
 }
 
-FUSEDOPT_HD int32_t coarse_threshold(const CoarseTable& c, int j, int b) {
+FUSEDOPT_HD uint32_t coarse_threshold(const CoarseTable& c, int j, int b) {
   uint32_t t = 0;
-  for (int i = 0; i < 4; ++i) t |= uint32_t(c.threshold[j][i][b]) << (8 * i);
-  return int32_t(t);
+  for (int i = 0; i < 3; ++i) t |= uint32_t(c.threshold[j][i][b]) << (8 * i);
+  return t;
 }
 
 // The code of a clamped y in bucket b: table_code(q, y) for a table built by build_coarse_table.
 FUSEDOPT_HD int coarse_code(const CoarseTable& c, int b, float y) {
-  const int32_t k = order_key(y);
+  const uint32_t low24 = uint32_t(order_key(y)) & 0xffffffu;
   int code = c.code[b];
-  for (int j = 0; j < kCoarseChanges; ++j) code += k >= coarse_threshold(c, j, b) ? 1 : 0;
+  for (int j = 0; j < kCoarseChanges; ++j) code += low24 > coarse_threshold(c, j, b) ? 1 : 0;
   return code;
 }
 
@@ -108,6 +113,11 @@ void build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
     return p > n ? p : n;
   };
   const auto whole = [](int b) { return b == 0 || b == kCoarseBinades - 1; };
+  {
+    uint32_t first, last;
+    part(0, 0, 0, &first, &last);
+    if (both_signs(first, last) > 0) return;  // the bucket of |y| under 2^-24 spans binades: no low24 order
+  }
   int s[kCoarseBinades] = {};
   for (;;) {
     int total = 0, worst_binade = -1, worst = kCoarseChanges;
@@ -133,7 +143,7 @@ void build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
   }
   for (int j = 0; j < kCoarseChanges; ++j) {
     for (int b = 0; b < kCoarseBuckets; ++b) {
-      for (int i = 0; i < 4; ++i) c->threshold[j][i][b] = uint8_t(uint32_t(kNoChange) >> (8 * i));
+      for (int i = 0; i < 3; ++i) c->threshold[j][i][b] = uint8_t(kNoChange >> (8 * i));
     }
   }
   // Bucket b holds y keys [a, z]: its first code, then where it goes up (a bisection per change).
@@ -157,8 +167,8 @@ void build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
         const int32_t mid = int32_t(l + (int64_t(r) - l) / 2);
         if (code_of(from_key(mid)) >= first + j) r = mid; else l = mid + 1;
       }
-      at[j - 1] = r;
-      for (int i = 0; i < 4; ++i) c->threshold[j - 1][i][bucket] = uint8_t(uint32_t(r) >> (8 * i));
+      at[j - 1] = r;  // r > a: the key before it is in the bucket, and shares r's top byte
+      for (int i = 0; i < 3; ++i) c->threshold[j - 1][i][bucket] = uint8_t(uint32_t(r - 1) >> (8 * i));
     }
     agrees = agrees && same(bucket, a) && same(bucket, z);
     for (int j = 0; j < last - first; ++j) agrees = agrees && same(bucket, at[j]) && same(bucket, at[j] - 1);
