@@ -115,8 +115,9 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
   const __m512i offset0 = _mm512_loadu_si512(t.offset), offset1 = _mm512_loadu_si512(t.offset + 16);
   const __m512i shift0 = _mm512_loadu_si512(t.shift), shift1 = _mm512_loadu_si512(t.shift + 16);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  // packus order (below): byte 16L + 4r + d is register r's lane 4L + d. kKeyByte picks byte 0 of
-  // that lane from two registers (r and r ^ 1, 64 bytes apart); + i picks byte i.
+  // packus order (below): byte 16L + 4r + d is register r's lane 4L + d. kKeyByte is that lane's
+  // byte 0 within the register pair holding r ((0, 1) or (2, 3): + 64 for odd r), + i its byte i;
+  // kFromRegisters23 marks the bytes of r = 2, 3.
   alignas(64) static constexpr uint8_t kKeyByte[64] = {
       0,  4,  8,  12, 64, 68, 72, 76,  0,  4,  8,  12, 64, 68, 72, 76,  16, 20, 24, 28, 80, 84,
       88, 92, 16, 20, 24, 28, 80, 84, 88, 92, 32, 36, 40, 44, 96, 100, 104, 108, 32, 36, 40, 44,
@@ -155,7 +156,8 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
     }
     __m512i c = lookup256_vbmi(t.code, bytes, high);
     for (int j = 0; j < kCoarseChanges; ++j) {
-      // low24(key) > threshold, most significant byte first
+      // low24(key) > threshold, from the lowest byte up: a byte above decides, an equal byte keeps
+      // the verdict of the bytes below it
       __mmask64 above = _mm512_cmpgt_epu8_mask(key_plane[0], lookup256_vbmi(t.threshold[j][0], bytes, high));
       for (int i = 1; i < 3; ++i) {
         const __m512i ti = lookup256_vbmi(t.threshold[j][i], bytes, high);
