@@ -122,7 +122,9 @@ def test_every_float_of_the_densest_binade(signed, coarse):
         y = torch.cat([y, -y])
     q = quant.dynamic_map(signed)
     x = _blocks_led_by_one(y)
-    codes, absmax = _raw_quantize(x, _built_map(q, coarse))
+    qm = _built_map(q, coarse)
+    assert _has_coarse_table(qm) == coarse
+    codes, absmax = _raw_quantize(x, qm)
     assert torch.equal(codes, reference_quantize(x, absmax, q))
 
 

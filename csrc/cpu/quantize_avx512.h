@@ -90,18 +90,6 @@ FUSEDOPT_AVX512_VBMI_INLINE __m512i lookup256_vbmi(const uint8_t* t, __m512i b, 
   return _mm512_mask_blend_epi8(high, lo, hi);
 }
 
-// Four byte planes (byte i of 64 int32 lanes; byte 16L + 4r + d of a plane belongs to register
-// r's lane 4L + d, the order packus_epi32 then packus_epi16 leave) as the 64 int32s, 16 per
-// register in element order.
-FUSEDOPT_AVX512_VBMI_INLINE void unpack_planes_vbmi(const __m512i (&b)[4], __m512i (&v)[4]) {
-  const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
-  const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
-  v[0] = _mm512_unpacklo_epi16(lo01, lo23);
-  v[1] = _mm512_unpackhi_epi16(lo01, lo23);
-  v[2] = _mm512_unpacklo_epi16(hi01, hi23);
-  v[3] = _mm512_unpackhi_epi16(hi01, hi23);
-}
-
 // math::quantize through math/quant8_coarse.h's table (q.coarse.ok), 64 elements at a time: the
 // bucket as a byte per element, then the bucket's code and thresholds by byte permutes, compared
 // with the order keys' bytes (coarse_code) in the same byte order.
@@ -204,8 +192,10 @@ __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"))) inline int dequant
       b[j] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table[j][0], c, table[j][1]),
                                     _mm512_permutex2var_epi8(table[j][2], c, table[j][3]));
     }
-    __m512i v[4];
-    unpack_planes_vbmi(b, v);
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i v[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                          _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
     for (int r = 0; r < 4; ++r) _mm512_storeu_ps(out + k + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(v[r]), scale));
   }
   return k;

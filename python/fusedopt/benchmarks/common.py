@@ -3,6 +3,7 @@ writers. Imports and runs on CPU-only machines; CUDA paths are touched only for 
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -203,13 +204,16 @@ def _cpu_features() -> dict:
                     break
     except OSError:
         pass
-    caches = {}
-    for level, name in (("index0", "l1d"), ("index2", "l2")):
+    caches = {"l1d": None, "l2": None}
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
         try:
-            with open(f"/sys/devices/system/cpu/cpu0/cache/{level}/size") as f:
-                caches[name] = f.read().strip()
+            level, kind, size = (Path(index, f).read_text().strip() for f in ("level", "type", "size"))
         except OSError:
-            caches[name] = None
+            continue
+        if (level, kind) == ("1", "Data"):
+            caches["l1d"] = size
+        elif level == "2":
+            caches["l2"] = size
     return {"flags": [x for x in _CPU_FEATURES if x in flags], **caches}
 
 

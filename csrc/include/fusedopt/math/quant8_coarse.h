@@ -37,7 +37,7 @@ constexpr int kCoarseForced = kCoarseBuckets - 1;  // zero_forced elements: the 
 constexpr uint32_t kNoChange = 0xffffff;           // no low24 key is above it
 
 struct CoarseTable {
-  int32_t ok;          // 0: not built (too dense a map, or build_quant_map(coarse = false)): gather
+  int32_t ok;          // 0: not built (coarse = false, an inexact fine table, too dense a map, a failed check): gather
   int32_t offset[32];  // first bucket of binade b' (128 + ... where the map has negative codes)
   int32_t shift[32];   // a binade's bucket is its mantissa >> shift[b'] (23 for a binade in one bucket)
   uint8_t code[kCoarseBuckets];
@@ -116,7 +116,9 @@ void build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
   {
     uint32_t first, last;
     part(0, 0, 0, &first, &last);
-    if (both_signs(first, last) > 0) return;  // the bucket of |y| under 2^-24 spans binades: no low24 order
+    // The bucket of |y| under 2^-24 spans binades, so low24 does not order its keys. (An exact
+    // fine table never has a change there: its own bucket 0 covers more and holds none.)
+    if (both_signs(first, last) > 0) return;
   }
   int s[kCoarseBinades] = {};
   for (;;) {
