@@ -21,6 +21,7 @@
 
 #include "fusedopt/dtype.h"
 #include "fusedopt/macros.h"
+#include "fusedopt/math/order_key.h"
 #include "fusedopt/math/quant8_coarse.h"
 
 namespace fusedopt {
@@ -166,10 +167,6 @@ inline bool build_quant_map(const float* values, QuantMap* q, bool coarse = true
     if (negative) return zc > 0 ? zc - 1 : zc;
     return zc < kQuantMapSize - 1 ? zc + 1 : zc;
   };
-  // Floats as order-preserving unsigned keys, so that "the smallest y in [lo, hi] with ..." is a
-  // bisection over keys.
-  auto key = [](float f) { const uint32_t u = float_bits(f); return (u >> 31) ? ~u : (u | 0x80000000u); };
-  auto from_key = [](uint32_t k) { return bits_float((k >> 31) ? (k & 0x7fffffffu) : ~k); };
   // The bucket holds y in [lo, hi] (clamped y reach only part of some buckets; the rest of a
   // bucket is never looked up). Exact when the nearest code changes at most once in it, and not
   // at all in a bucket whose y differ above the low bits (shared_high false).
@@ -179,12 +176,9 @@ inline bool build_quant_map(const float* values, QuantMap* q, bool coarse = true
     int code = signed_code(first, negative);
     uint32_t carry = 0;  // 2^16 - the key where the code goes up by one; 0: it never does
     if (last > first && signed_code(first + 1, negative) != code) {
-      uint32_t a = key(lo), z = key(hi);  // nearest(from_key(z)) > first, nearest(from_key(a)) may not be
-      while (a < z) {
-        const uint32_t mid = a + (z - a) / 2;
-        if (nearest_code_reference(values, from_key(mid)) > first) z = mid; else a = mid + 1;
-      }
-      const uint32_t next = search_key(from_key(z));
+      const int32_t z = first_key_where(order_key(lo), order_key(hi),
+                                        [&](float y) { return nearest_code_reference(values, y) > first; });
+      const uint32_t next = search_key(from_order_key(z));
       if (next == 0) code += 1; else carry = (1u << kSearchLowBits) - next;  // from the bucket's first key on
     }
     q->bucket[b] = uint32_t(code) << kSearchLowBits | carry;

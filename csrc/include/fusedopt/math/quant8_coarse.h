@@ -23,6 +23,7 @@
 
 #include "fusedopt/dtype.h"
 #include "fusedopt/macros.h"
+#include "fusedopt/math/order_key.h"
 
 namespace fusedopt {
 namespace math {
@@ -44,13 +45,6 @@ struct CoarseTable {
   // threshold_j[b]'s bytes: threshold[j][i][b] = low24 >> 8i, for byte permutes.
   uint8_t threshold[kCoarseChanges][3][kCoarseBuckets];
 };
-
-// An int32 increasing in y over all non-NaN floats (-0 just below +0): the sign bit, then the
-// magnitude's bits, reversed for negative y.
-FUSEDOPT_HD int32_t order_key(float y) {
-  const uint32_t bits = float_bits(y);
-  return int32_t(bits ^ ((bits >> 31) != 0 ? 0x7fffffffu : 0u));
-}
 
 // y's bucket: binade and top mantissa bits of |y|; negative y mirror positive ones (b ^ 255)
 // where the map has negative codes. |y| <= 1 (b' <= 25 indexes the 32-entry tables).
@@ -86,15 +80,11 @@ void build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
   const bool negative = lo < 0.0f;  // negative codes: each sign gets half the buckets
   const int budget = negative ? kCoarseBuckets / 2 - 1 : kCoarseBuckets - 1;
   const int32_t key_lo = order_key(lo), key_hi = order_key(hi);
-  auto from_key = [](int32_t k) {
-    const uint32_t u = uint32_t(k);
-    return bits_float((u >> 31) != 0 ? u ^ 0x7fffffffu : u);
-  };
   // Code changes in y keys [a, z] clipped to the map's range.
   auto changes = [&](int32_t a, int32_t z) {
     a = a > key_lo ? a : key_lo;
     z = z < key_hi ? z : key_hi;
-    return a > z ? 0 : code_of(from_key(z)) - code_of(from_key(a));
+    return a > z ? 0 : code_of(from_order_key(z)) - code_of(from_order_key(a));
   };
   // The |y| bits of binade b's part j of 2^s, both ends included.
   auto part = [](int b, int s, int j, uint32_t* first, uint32_t* last) {
@@ -153,22 +143,18 @@ void build_coarse_table(float lo, float hi, int zero_code, CodeOf code_of, Coars
   // coarse_code: a table that disagrees with code_of anywhere there is not used.
   bool agrees = true;
   auto same = [&](int bucket, int32_t k) {
-    const float y = from_key(k);
+    const float y = from_order_key(k);
     return coarse_bucket(*c, y) == bucket && coarse_code(*c, bucket, y) == code_of(y);
   };
   auto fill = [&](int bucket, int32_t a, int32_t z) {
     a = a > key_lo ? a : key_lo;
     z = z < key_hi ? z : key_hi;
     if (a > z) return;  // clamping never lands here
-    const int first = code_of(from_key(a)), last = code_of(from_key(z));
+    const int first = code_of(from_order_key(a)), last = code_of(from_order_key(z));
     c->code[bucket] = uint8_t(first);
     int32_t at[kCoarseChanges];
     for (int j = 1; j <= last - first; ++j) {
-      int32_t l = a, r = z;  // the smallest key whose code is first + j or more
-      while (l < r) {
-        const int32_t mid = int32_t(l + (int64_t(r) - l) / 2);
-        if (code_of(from_key(mid)) >= first + j) r = mid; else l = mid + 1;
-      }
+      const int32_t r = first_key_where(a, z, [&](float y) { return code_of(y) >= first + j; });
       at[j - 1] = r;  // r > a: the key before it is in the bucket, and shares r's top byte
       for (int i = 0; i < 3; ++i) c->threshold[j - 1][i][bucket] = uint8_t(uint32_t(r - 1) >> (8 * i));
     }
