@@ -83,11 +83,25 @@ FUSEDOPT_AVX512_CALL int quantize_block_avx512(const math::QuantMap& q, const fl
 
 #define FUSEDOPT_AVX512_VBMI_INLINE __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"), always_inline)) inline
 
-// t[b] for 64 byte lanes b of a 256-byte table: two 128-entry byte permutes, blended on b's top bit.
+// A 256-byte table in four registers, for lookup256_vbmi.
+struct Table256 {
+  __m512i part[4];
+};
+
+FUSEDOPT_AVX512_VBMI_INLINE Table256 load_table256(const uint8_t* t) {
+  return {{_mm512_loadu_si512(t), _mm512_loadu_si512(t + 64), _mm512_loadu_si512(t + 128), _mm512_loadu_si512(t + 192)}};
+}
+
+// t[b] for 64 byte lanes b: two 128-entry byte permutes, blended on b's top bit (high).
+FUSEDOPT_AVX512_VBMI_INLINE __m512i lookup256_vbmi(const Table256& t, __m512i b, __mmask64 high) {
+  return _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t.part[0], b, t.part[1]),
+                                _mm512_permutex2var_epi8(t.part[2], b, t.part[3]));
+}
+
+// The same from memory: the quantizer's seven tables do not fit in registers beside its work
+// (hoisting them spilled, 4% slower), so each lookup loads its operands.
 FUSEDOPT_AVX512_VBMI_INLINE __m512i lookup256_vbmi(const uint8_t* t, __m512i b, __mmask64 high) {
-  const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), b, _mm512_loadu_si512(t + 64));
-  const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), b, _mm512_loadu_si512(t + 192));
-  return _mm512_mask_blend_epi8(high, lo, hi);
+  return lookup256_vbmi(load_table256(t), b, high);
 }
 
 // math::quantize through math/quant8_coarse.h's table (q.coarse.ok), 64 elements at a time: the
@@ -173,10 +187,8 @@ __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"))) inline int quantiz
 __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"))) inline int dequantize_block_avx512_vbmi(
     const math::QuantMap& q, const uint8_t* codes, int len, float absmax, float* out) {
   const __m512 scale = _mm512_set1_ps(absmax);
-  __m512i table[4][4];
-  for (int j = 0; j < 4; ++j) {
-    for (int i = 0; i < 4; ++i) table[j][i] = _mm512_loadu_si512(q.value_bytes[j] + 64 * i);
-  }
+  Table256 table[4];
+  for (int j = 0; j < 4; ++j) table[j] = load_table256(q.value_bytes[j]);
   // The unpacks below put source byte 16L + 4r + d (128-bit lane L) into output register r,
   // lane L, dword d, which is element 16r + 4L + d: the codes are first permuted to match.
   alignas(64) static constexpr uint8_t kOrder[64] = {
@@ -189,8 +201,7 @@ __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"))) inline int dequant
     const __mmask64 high = _mm512_movepi8_mask(c);  // code >= 128
     __m512i b[4];
     for (int j = 0; j < 4; ++j) {
-      b[j] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table[j][0], c, table[j][1]),
-                                    _mm512_permutex2var_epi8(table[j][2], c, table[j][3]));
+      b[j] = lookup256_vbmi(table[j], c, high);
     }
     const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
     const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
