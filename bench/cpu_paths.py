@@ -29,12 +29,6 @@ from fusedopt._ops import muon_prepare_
 from fusedopt.benchmarks.common import env_stamp, markdown_table, time_cpu, write_results
 
 
-def _map_without_coarse_table(signed: bool) -> torch.Tensor:
-    out = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
-    lib().build_quant_map(quant.dynamic_map(signed).data_ptr(), out.data_ptr(), False)
-    return out
-
-
 def quantizer_rows() -> list[list]:
     torch.set_num_threads(1)
     n = 1 << 16
@@ -52,7 +46,7 @@ def quantizer_rows() -> list[list]:
                 # The optimizers' map, and the same map without the coarse table: in the AVX-512
                 # tier with VBMI the two run different quantizers (math/quant8_coarse.h).
                 maps = {}
-                for qm in (quant.quant_map(signed), _map_without_coarse_table(signed)):
+                for qm in (quant.quant_map(signed), quant.quant_map(signed, coarse=False)):
                     maps.setdefault(lib().cpu_quantizer(qm.data_ptr()), qm)
                 for path, qm in maps.items():
                     q = time_cpu(lambda: lib().quantize_blockwise(xs.data_ptr(), n, qm.data_ptr(), codes.data_ptr(),
