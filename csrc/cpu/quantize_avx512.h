@@ -27,6 +27,19 @@ namespace cpu {
 // Real calls, one per block, for the reason given in cpu/quantize_avx2.h.
 #define FUSEDOPT_AVX512_CALL __attribute__((target(FUSEDOPT_TARGET_AVX512))) inline
 
+// math::clamp_to_map(q.values, x * inv): maxps returns its second operand for NaN and minps its
+// second for equal zeros, as the selects do.
+FUSEDOPT_AVX512_INLINE __m512 clamped_y_avx512(const math::QuantMap& q, __m512 x, __m512 inv) {
+  const __m512 y = _mm512_max_ps(_mm512_mul_ps(x, inv), _mm512_set1_ps(q.values[0]));
+  return _mm512_min_ps(_mm512_set1_ps(q.values[math::kQuantMapSize - 1]), y);
+}
+
+// math::zero_forced: !(x > 0) (unordered: NaN too) where the zero code is the lowest, else x == 0.
+template <bool kZeroAtBottom>
+FUSEDOPT_AVX512_INLINE __mmask16 zero_forced_avx512(__m512 x) {
+  return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
+}
+
 // The codes (as int32 lanes) of 16 moments x in a block whose 1 / absmax is inv: math::quantize.
 // Fewer vector ops than a lane-by-lane copy of the scalar steps: saturating 16-bit subtraction
 // clamps the bucket at 0, and the sign's complement is taken before the shift that extracts it.
@@ -34,12 +47,7 @@ namespace cpu {
 template <bool kZeroAtBottom>
 FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512 x, __m512 inv) {
   using namespace math;
-  __m512 y = _mm512_mul_ps(x, inv);
-  // clamp_to_map: maxps returns its second operand for NaN and minps its second for equal zeros,
-  // as the selects do.
-  y = _mm512_max_ps(y, _mm512_set1_ps(q.values[0]));
-  y = _mm512_min_ps(_mm512_set1_ps(q.values[kQuantMapSize - 1]), y);
-  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i bits = _mm512_castps_si512(clamped_y_avx512(q, x, inv));
   const __m512i sign = _mm512_srai_epi32(bits, 31);
   // search_bucket - kSearchBucketsPerSign: magnitude_bucket u in the high half (as |y|'s top 16
   // bits minus the bias, floored at 0), complemented for negative y, shifted down with its sign.
@@ -51,9 +59,7 @@ FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512
       _mm512_i32gather_epi32(bucket, reinterpret_cast<const int*>(q.bucket + kSearchBucketsPerSign), 4);
   const __m512i key = _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(int(kSearchLowMask)), 0x28);  // (a^b)&c
   const __m512i c = _mm512_srli_epi32(_mm512_add_epi32(e, key), kSearchLowBits);
-  // zero_forced: !(x > 0) (unordered: NaN too) where the zero code is the lowest, else x == 0
-  const __mmask16 forced = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
-  return _mm512_mask_mov_epi32(c, forced, _mm512_set1_epi32(q.zero_code));
+  return _mm512_mask_mov_epi32(c, zero_forced_avx512<kZeroAtBottom>(x), _mm512_set1_epi32(q.zero_code));
 }
 
 template <bool kZeroAtBottom>
@@ -113,7 +119,6 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
   using namespace math;
   const CoarseTable& t = q.coarse;
   const __m512 inv16 = _mm512_set1_ps(inv);
-  const __m512 lo = _mm512_set1_ps(q.values[0]), hi = _mm512_set1_ps(q.values[kQuantMapSize - 1]);
   const __m512i offset0 = _mm512_loadu_si512(t.offset), offset1 = _mm512_loadu_si512(t.offset + 16);
   const __m512i shift0 = _mm512_loadu_si512(t.shift), shift1 = _mm512_loadu_si512(t.shift + 16);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -131,9 +136,7 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
     __m512i bucket[4], key[4];
     for (int r = 0; r < 4; ++r) {
       const __m512 xr = _mm512_loadu_ps(x + k + 16 * r);
-      __m512 y = _mm512_max_ps(_mm512_mul_ps(xr, inv16), lo);  // clamp_to_map, as in quantize16_avx512
-      y = _mm512_min_ps(hi, y);
-      const __m512i bits = _mm512_castps_si512(y);
+      const __m512i bits = _mm512_castps_si512(clamped_y_avx512(q, xr, inv16));
       const __m512i sign = _mm512_srai_epi32(bits, 31);
       key[r] = _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(0x7fffffff), 0x78);  // order_key: a ^ (b & c)
       // coarse_bucket: the binade floored at 0 (saturating 16-bit subtraction), its offset and
@@ -144,8 +147,7 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
       const __m512i u = _mm512_add_epi32(_mm512_permutex2var_epi32(offset0, e, offset1),
                                          _mm512_srlv_epi32(mantissa, _mm512_permutex2var_epi32(shift0, e, shift1)));
       const __m512i b = _mm512_ternarylogic_epi32(u, sign, _mm512_set1_epi32(0xff), 0x78);  // u ^ (sign & 0xff)
-      const __mmask16 forced = _mm512_cmp_ps_mask(xr, _mm512_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
-      bucket[r] = _mm512_mask_mov_epi32(b, forced, _mm512_set1_epi32(kCoarseForced));
+      bucket[r] = _mm512_mask_mov_epi32(b, zero_forced_avx512<kZeroAtBottom>(xr), _mm512_set1_epi32(kCoarseForced));
     }
     const __m512i bytes =
         _mm512_packus_epi16(_mm512_packus_epi32(bucket[0], bucket[1]), _mm512_packus_epi32(bucket[2], bucket[3]));
