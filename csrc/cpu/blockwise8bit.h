@@ -23,7 +23,7 @@ static_assert(kChunkSize % math::kQuantBlock == 0, "a CPU work item must hold wh
 
 constexpr int64_t kPrefetchBlocks = 4;
 
-template <typename Rule, typename P, typename G, bool UseMaster, Isa I>
+template <typename Rule, typename P, typename G, bool UseMaster, bool Common, Isa I>
 FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const math::QuantMap* const* maps, int32_t t,
                                                    int64_t begin, int64_t end, const typename Rule::Scalars& s) {
   constexpr int K = Rule::kMoments;
@@ -65,7 +65,7 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
       float pf = UseMaster ? master[i] : load_float(p, i);
       float mf[K];
       for (int j = 0; j < K; ++j) mf[j] = m[j][k];
-      Rule::update(pf, load_float(g, i), mf, s);
+      Rule::template update<Common>(pf, load_float(g, i), mf, s);
       if (UseMaster) master[i] = pf;
       store_float(p, i, pf);
       for (int j = 0; j < K; ++j) {
@@ -87,14 +87,18 @@ template <typename Rule>
 void blockwise8bit_step(const TensorLists& lists, const DTypes& dtypes, const math::QuantMap* const* maps,
                         const std::vector<typename Rule::Scalars>& scalars, int num_threads) {
   const bool master = dtypes.param != DType::kFloat32 && !lists.ptrs[kMaster].empty();
+  // The flags Rule::common reads do not depend on the step: the same for every tensor of the launch.
+  const bool common = !scalars.empty() && Rule::common(scalars[0]);
   dispatch_float(dtypes.param, "param", [&](auto p_tag) {
     dispatch_float(dtypes.grad, "grad", [&](auto g_tag) {
       dispatch_bool(master, [&](auto mst) {
-        using P = decltype(p_tag);
-        using G = decltype(g_tag);
-        parallel_over_chunks(lists.numels, num_threads, [&](const WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
-          blockwise8bit_loop<Rule, P, G, decltype(mst)::value, decltype(isa)::value>(lists, maps, w.tensor, w.begin,
-                                                                                      w.end, scalars[w.tensor]);
+        dispatch_bool(common, [&](auto cmn) {
+          using P = decltype(p_tag);
+          using G = decltype(g_tag);
+          parallel_over_chunks(lists.numels, num_threads, [&](const WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
+            blockwise8bit_loop<Rule, P, G, decltype(mst)::value, decltype(cmn)::value, decltype(isa)::value>(
+                lists, maps, w.tensor, w.begin, w.end, scalars[w.tensor]);
+          });
         });
       });
     });

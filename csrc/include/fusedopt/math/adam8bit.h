@@ -21,9 +21,15 @@
 namespace fusedopt {
 namespace math {
 
+// kCommon: the launch's scalars are AdamW's or wd == 0 (no L2 term) with beta1 > 0.5 (lerp from
+// m), as Adam8bitRule::common says; the CPU loop dispatches on it once per launch (cpu/adam_cpu.cpp's
+// reason: the selected-away arithmetic costs time). The values are the same either way.
+template <bool kCommon = false>
 FUSEDOPT_HD void adam8bit_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
   float p1 = p, m1 = m, v1 = v, unused = 0.0f;
-  adam_update<false>(p1, g, m1, v1, unused, s);
+  constexpr Known kL2 = kCommon ? Known::kNo : Known::kRuntime;
+  constexpr Known kLerpFromSelf = kCommon ? Known::kYes : Known::kRuntime;
+  adam_update<false, kL2, kLerpFromSelf>(p1, g, m1, v1, unused, s);
   const bool ok = is_finite(m1) && is_finite(v1);
   p = ok ? p1 : p;
   m = ok ? m1 : m;
@@ -40,8 +46,10 @@ struct Adam8bitRule {
   FUSEDOPT_HD Scalars scalars(double lr, float step, float grad_scale) const {
     return adam_scalars(config, lr, double(step), grad_scale);
   }
+  FUSEDOPT_HD static bool common(const Scalars& s) { return s.l2 == 0.0f && s.lerp_w < 0.5f; }
+  template <bool kCommon = false>
   FUSEDOPT_HD static void update(float& p, float g, float (&m)[2], const Scalars& s) {
-    adam8bit_update(p, g, m[0], m[1], s);
+    adam8bit_update<kCommon>(p, g, m[0], m[1], s);
   }
 };
 

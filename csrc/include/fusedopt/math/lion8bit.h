@@ -29,6 +29,8 @@ struct Lion8bitRule {
   FUSEDOPT_HD Scalars scalars(double lr, float /*step: Lion keeps none*/, float grad_scale) const {
     return lion_scalars(config, lr, grad_scale);
   }
+  FUSEDOPT_HD static bool common(const Scalars&) { return false; }  // Lion's update has no flags to fix
+  template <bool kCommon = false>
   FUSEDOPT_HD static void update(float& p, float g, float (&m)[1], const Scalars& s) { lion8bit_update(p, g, m[0], s); }
 };
 
