@@ -137,16 +137,20 @@ FUSEDOPT_AVX512_VBMI_INLINE int quantize_block_avx512_vbmi_impl(const math::Quan
     for (int r = 0; r < 4; ++r) {
       const __m512 xr = _mm512_loadu_ps(x + k + 16 * r);
       const __m512i bits = _mm512_castps_si512(clamped_y_avx512(q, xr, inv16));
-      const __m512i sign = _mm512_srai_epi32(bits, 31);
-      key[r] = _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(0x7fffffff), 0x78);  // order_key: a ^ (b & c)
+      // A map whose lowest value is 0 clamps every y to +0 or above (maxps returns its second
+      // operand, the map's +0, for y = -0 and NaN): no sign to take apart, 4 ops fewer per 16.
+      const __m512i sign = kZeroAtBottom ? _mm512_setzero_si512() : _mm512_srai_epi32(bits, 31);
+      // order_key: a ^ (b & c)
+      key[r] = kZeroAtBottom ? bits : _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(0x7fffffff), 0x78);
       // coarse_bucket: the binade floored at 0 (saturating 16-bit subtraction), its offset and
       // shift from 32-entry tables, mirrored for negative y; zero_forced elements to kCoarseForced.
-      const __m512i a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+      const __m512i a = kZeroAtBottom ? bits : _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
       const __m512i e = _mm512_subs_epu16(_mm512_srli_epi32(a, 23), _mm512_set1_epi32(kCoarseExponentBase));
       const __m512i mantissa = _mm512_and_si512(a, _mm512_set1_epi32(0x7fffff));
       const __m512i u = _mm512_add_epi32(_mm512_permutex2var_epi32(offset0, e, offset1),
                                          _mm512_srlv_epi32(mantissa, _mm512_permutex2var_epi32(shift0, e, shift1)));
-      const __m512i b = _mm512_ternarylogic_epi32(u, sign, _mm512_set1_epi32(0xff), 0x78);  // u ^ (sign & 0xff)
+      // u ^ (sign & 0xff)
+      const __m512i b = kZeroAtBottom ? u : _mm512_ternarylogic_epi32(u, sign, _mm512_set1_epi32(0xff), 0x78);
       bucket[r] = _mm512_mask_mov_epi32(b, zero_forced_avx512<kZeroAtBottom>(xr), _mm512_set1_epi32(kCoarseForced));
     }
     const __m512i bytes =
