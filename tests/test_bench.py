@@ -1,12 +1,13 @@
 """`python -m fusedopt bench` and its parts, run small: the table, the result files, missing peers
 reported as missing, and the Nsight Compute report parser (on a CSV in ncu's layout)."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from fusedopt.__main__ import main
-from fusedopt.benchmarks import ncu
+from fusedopt.benchmarks import adam8bit, adamw, lion, ncu
 from fusedopt.benchmarks.harness import Impl, Missing, peer, time_group
 
 
@@ -45,6 +46,31 @@ def test_bench_command_writes_tables_and_results(tmp_path, capsys):
     assert saved["env"]["command"].startswith("python -m fusedopt bench") and saved["copy_bandwidth_gbs"] > 0
     assert set(saved["env"]["peers"]) == {"bitsandbytes", "torchao", "lion-pytorch", "deepspeed"}
     assert (tmp_path / "lion_cpu.md").read_text().startswith("# lion_cpu")
+
+
+# Wrong steps each suite's check must catch. AdamW's compares the moments too: a beta2 of 0.99 for
+# 0.999 leaves v 10x too large, which bias correction all but hides from p in two steps.
+# The 8-bit check allows 5% of the distance travelled, and beta1 0.5 for 0.9 turns the step's
+# direction by more.
+WRONG_STEPS = {adamw: [dict(lr=0.0), dict(betas=(0.9, 0.99))], adam8bit: [dict(lr=0.0), dict(betas=(0.5, 0.999))],
+               lion: [dict(lr=0.0), dict(betas=(0.5, 0.99))]}
+
+
+@pytest.mark.parametrize("suite,name", [(s, n) for s in WRONG_STEPS for n, i in s.IMPLS.items() if i.is_fusedopt],
+                         ids=lambda x: x if isinstance(x, str) else x.NAME)
+def test_check_accepts_fusedopt_and_rejects_a_wrong_step(suite, name, monkeypatch):
+    """The bench times only what its check accepts: it must pass the real optimizer and fail one
+    whose step is off."""
+    impl = suite.IMPLS[name]
+    assert suite.check(name, "cpu") is None
+    for wrong in WRONG_STEPS[suite]:
+        def make(params, wrong=wrong):
+            opt = impl.make(params)
+            for group in opt.param_groups:
+                group.update(wrong)
+            return opt
+        monkeypatch.setitem(suite.IMPLS, name, dataclasses.replace(impl, make=make))
+        assert suite.check(name, "cpu") is not None, wrong
 
 
 NCU_CSV = '''==PROF== Connected to process 1234

@@ -45,14 +45,16 @@ def check(impl_name: str, device: str) -> str | None:
     impl = IMPLS[impl_name]
     torch.manual_seed(0)
     shapes = [(3, 70001), (1000,), (7,)]
-    params = [torch.randn(s, device=device).to(impl.dtype) for s in shapes]
-    refs = [p.float() for p in params]
-    init = [p.float().clone() for p in params]
-    for p, r in zip(params, refs):
-        p.grad = torch.randn_like(p)
-        r.grad = p.grad.float()
+    # At |p| ~ 0.01 bf16's rounding of p (2^-9 |p| a step) stays well below the steps (~lr), so
+    # the slack below cannot hide a wrong or missing update.
+    params = [(0.01 * torch.randn(s, device=device)).to(impl.dtype) for s in shapes]
+    refs = [p.detach().float().clone() for p in params]  # float() alone returns fp32 params themselves
+    init = [r.clone() for r in refs]
     opt, ref_opt = impl.make(params), torch.optim.AdamW(refs, **HYPER, foreach=False)
-    for _ in range(3):
+    for _ in range(3):  # a new gradient each step: under a constant one m-hat is g whatever beta1 is
+        for p, r in zip(params, refs):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.float()
         opt.step()
         ref_opt.step()
     travelled = sum(((r - i) ** 2).sum() for r, i in zip(refs, init)) ** 0.5

@@ -3,7 +3,8 @@ validation in a child process before timing, timing with other-process load, GB/
 bandwidth measured in the same run, and the table.
 
 A suite module (adamw.py, lion.py, adam8bit.py, muon.py beside this file) defines NAME, GROUPS
-(lists of Impl; the first of a group is the fusedopt reference its speedups are taken against),
+(lists of Impl, each opened by a fusedopt one; a peer's speedup is taken against the nearest
+fusedopt Impl above it),
 SIZES (per device, in M = 2**20 params) and `check(impl_name, device) -> str | None`, run before
 timing. It may define `cases(device, sizes, mix_scale)` (default: one tensor per size and the
 GPT-2 mix) and `flops(shapes)` (then rows report TFLOP/s).

@@ -34,11 +34,11 @@ GROUPS = [
 IMPLS = {impl.name: impl for group in GROUPS for impl in group}
 
 
-def _reference_lion(params, grads, steps, lr, betas, weight_decay):
+def _reference_lion(params, grads_per_step, lr, betas, weight_decay):
     """Lion in plain fp64 torch ops (google/automl's update), from the same values."""
     ps = [p.detach().double() for p in params]
     ms = [torch.zeros_like(p) for p in ps]
-    for _ in range(steps):
+    for grads in grads_per_step:
         for p, g, m in zip(ps, grads, ms):
             g = g.double()
             p.mul_(1 - lr * weight_decay).add_(torch.sign(m * betas[0] + g * (1 - betas[0])), alpha=-lr)
@@ -54,14 +54,16 @@ def check(impl_name: str, device: str) -> str | None:
     torch.manual_seed(0)
     shapes = [(3, 70001), (1000,), (7,)]
     params = [torch.randn(s, device=device) for s in shapes]
-    grads = [torch.randn_like(p) for p in params]
+    # a new gradient each step: under a constant one the sign of the interpolation is the
+    # gradient's whatever the betas, and a wrong beta would pass
+    grads_per_step = [[torch.randn_like(p) for p in params] for _ in range(3)]
     init = [p.clone() for p in params]
-    for p, g in zip(params, grads):
-        p.grad = g
     opt = IMPLS[impl_name].make(params)
-    for _ in range(3):
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g
         opt.step()
-    ref = _reference_lion(init, grads, 3, **HYPER)
+    ref = _reference_lion(init, grads_per_step, **HYPER)
     allowed = 0.01 if "8bit" in impl_name else 0.001
     n = sum(p.numel() for p in params)
     off = sum(int(((p.double() - r).abs() > 1e-6).sum()) for p, r in zip(params, ref))
