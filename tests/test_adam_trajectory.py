@@ -156,7 +156,10 @@ def test_low_precision_error_budget(device, dtype, master):
     itself where it stays finite (bf16), else the rounding reference above (fp16, where torch's
     all-fp16 AdamW turns NaN). All runs see the same low-precision grads."""
     shapes = [(4097,), (128, 65)]
-    init = [torch.randn(s, device=device) * 0.5 for s in shapes]
+    # Without master weights a bf16 param of |p| >~ 0.25 does not move at lr 1e-3 (the step is under
+    # half its spacing): every implementation, and a no-op, would then share one error. At 0.01 the
+    # steps are larger than the spacing. With master weights, 0.5 checks that the master keeps them.
+    init = [torch.randn(s, device=device) * (0.5 if master else 0.01) for s in shapes]
     kw = dict(lr=1e-3, weight_decay=0.1)
     ours = [t.to(dtype).requires_grad_() for t in init]
     theirs = [t.to(dtype).requires_grad_() for t in init]
@@ -179,6 +182,8 @@ def test_low_precision_error_budget(device, dtype, master):
     if dtype == torch.float16:
         assert err_torch != err_torch, "torch's all-fp16 AdamW was expected to NaN here"
         err_torch = max_abs(plain, ref)
+    if not master:  # the yardstick moved: measured 2e-3 (bf16) and 2e-4 (fp16) against 4e-2 travelled
+        assert err_torch < 0.25 * max_abs([t.to(dtype) for t in init], ref)
     assert err_ours <= 2 * err_torch, (err_ours, err_torch)
     if master:
         # the fp32 master follows the fp64 reference to fp32 accuracy, and the param is its rounding
@@ -190,22 +195,29 @@ def test_low_precision_error_budget(device, dtype, master):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_states_error_budget(device):
-    """state_dtype=bf16 with fp32 params: within 2x of torch run entirely in bf16 (params fp32 here)."""
+    """state_dtype=bf16 with fp32 params: within 2x the error of the plain way to keep bf16 moments
+    (the fp64 reference with m and v rounded to bf16 after every step) against the fp64 reference.
+    torch.optim in bf16 is no yardstick here: its bf16 params, N(0,1), hardly move at lr 1e-3 (the
+    steps are under half their spacing), so its error is the distance travelled, a no-op's too."""
     init = [torch.randn(4097, device=device)]
     ours = [t.clone().requires_grad_() for t in init]
     ref = [t.double() for t in init]
-    theirs = [t.to(torch.bfloat16).requires_grad_() for t in init]
+    plain = [t.double() for t in init]
     oa = fusedopt.AdamW(ours, lr=1e-3, state_dtype=torch.bfloat16)
-    ob = torch.optim.AdamW(theirs, lr=1e-3, foreach=False)
     oref = ReferenceAdam(ref, lr=1e-3, weight_decay=0.01)
+    oplain = ReferenceAdam(plain, lr=1e-3, weight_decay=0.01)
     for _ in range(STEPS):
         g = torch.randn_like(init[0]).to(torch.bfloat16)
-        ours[0].grad, theirs[0].grad = g.float(), g.clone()
+        ours[0].grad = g.float()
         oa.step()
-        ob.step()
         oref.step([g])
+        oplain.step([g])
+        for moment in oplain.m + oplain.v:
+            moment.copy_(moment.to(torch.bfloat16))
     assert oa.state[ours[0]]["exp_avg"].dtype == torch.bfloat16
-    assert max_abs(ours, ref) <= 2 * max_abs(theirs, ref)
+    err_plain = max_abs(plain, ref)
+    assert err_plain < 0.05 * max_abs(init, ref)  # measured 2e-4 against 4e-2 travelled
+    assert max_abs(ours, ref) <= 2 * err_plain
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -228,6 +240,11 @@ def test_mixed_dtypes_across_groups(device):
         opt.step()
         oref.step([g.double() for g in grads])
     assert (ps[0].double() - ref[0]).abs().max() < 1e-5
-    # bf16 / fp16 storage: within a couple of ulps of the reference (|p| < 8: bf16 ulp <= 2^-4)
-    assert (ps[1].double() - ref[1]).abs().max() < 2 * 2.0 ** -4
+    # bf16 with master weights: the fp32 master follows the fp64 reference to fp32 rounding (|p| < 8),
+    # the param is its rounding
+    master = opt.state[ps[1]]["master_param"]
+    assert max_abs([master], [ref[1]]) <= fp32_ulp_budget(20, 8.0)
+    assert torch.equal(ps[1], master.to(torch.bfloat16))
+    # fp16 storage, rounded every step: within a couple of ulps (|p| < 8: fp16 ulp <= 2^-7), while
+    # 20 steps of lr 1e-2 move the params by up to ~0.2
     assert (ps[2].double() - ref[2]).abs().max() < 2 * 2.0 ** -7

@@ -28,20 +28,28 @@ def _run(device, init, steps, grads, **kw):
         (torch.float32, dict(state_dtype=torch.bfloat16)),
         (torch.bfloat16, dict(master_weights=True)),
         (torch.float16, dict(master_weights=True, amsgrad=True)),
-        (torch.bfloat16, dict()),
+        (torch.bfloat16, dict(lr=1e-2)),  # no master: lr 1e-2 moves params well past the bound below
     ],
 )
 def test_cpu_and_cuda_backends_agree(dtype, kw):
     """Same math header on both sides; nvcc may contract a*b+c into one FMA where g++ rounds twice,
-    so agreement is to a few fp32 ulps per step, and to one rounding step of the param dtype."""
+    so agreement is to a few fp32 ulps per step (fp32 params, fp32 master weights), and a param
+    stored in bf16/fp16 without a master to a few of its rounding steps: a rounding that went the
+    other way once stays as an absolute offset, whatever |p| does next."""
     shapes = [(1,), (3,), (4097,), (300, 7), (65537,)]
     init = [torch.randn(s).to(dtype) for s in shapes]
     steps = 50
     grads = [[torch.randn(s) for s in shapes] for _ in range(steps)]
-    cpu, _, _ = _run("cpu", init, steps, grads, lr=1e-3, **kw)
-    gpu, _, _ = _run("cuda", init, steps, grads, lr=1e-3, **kw)
+    kw = {"lr": 1e-3, **kw}
+    cpu, oc, pc = _run("cpu", init, steps, grads, **kw)
+    gpu, og, pg = _run("cuda", init, steps, grads, **kw)
     if dtype == torch.float32:
         assert max_abs(cpu, gpu) <= fp32_ulp_budget(steps, 4.0)
+    elif kw.get("master_weights"):
+        masters = [[o.state[p]["master_param"].cpu() for p in ps] for o, ps in ((oc, pc), (og, pg))]
+        assert max_abs(*masters) <= fp32_ulp_budget(steps, 4.0)
+        for side, ms in zip((cpu, gpu), masters):
+            assert all(torch.equal(p, m.to(dtype)) for p, m in zip(side, ms))
     else:
         ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * 4.0
         assert max_abs(cpu, gpu) <= ulp

@@ -28,7 +28,9 @@ def test_each_step_agrees_with_the_cpu_backend(dtype, kw):
         for pc, pg in zip(cpu, gpu):
             sc, sg = oc.state[pc], {k: v.cpu() for k, v in og.state[pg].items()}
             a, b = (sg["master_param"], sc["master_param"]) if dtype != torch.float32 else (pg.detach().cpu(), pc.detach())
-            sign_flips += int(((a - b).abs() > 1e-2).sum())
+            # one step from the same values: equal to fp32 rounding (FMA contraction, ~1 ulp of |p|),
+            # or 2 lr apart where sign(c) flipped; a wrong decay (lr * wd * |p| = 1e-3 |p|) is neither
+            sign_flips += int(((a - b).abs() > 1e-6 * (1 + b.abs())).sum())
             torch.testing.assert_close(sg["exp_avg_absmax"], sc["exp_avg_absmax"], rtol=1e-6, atol=0)
             diff = (sg["exp_avg"].long() - sc["exp_avg"].long()).abs()
             assert diff.max().item() <= 1

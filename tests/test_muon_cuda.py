@@ -18,7 +18,7 @@ def _run(device, dtype, steps=3, **kw):
     g = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
     grads = [[torch.randn(s, generator=g).to(dtype) for s in SHAPES] for _ in range(steps)]
-    ps = [t.to(device).requires_grad_() for t in init]
+    ps = [t.to(device, copy=True).requires_grad_() for t in init]  # .to("cpu") alone would be init itself
     opt = fusedopt.Muon(ps, weight_decay=0.1, **kw)
     for step_grads in grads:
         for p, gr in zip(ps, step_grads):

@@ -68,11 +68,14 @@ def test_inputs_are_not_written_and_a_side_stream_gives_the_same_bits():
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(8, 256, 256), (4, 96, 300), (4, 300, 96)])
-def test_newton_schulz_through_the_kernel_equals_the_torch_path(shape):
+def test_newton_schulz_through_the_kernel_equals_the_torch_path(shape, monkeypatch):
     """Both run 5 bf16 iterations; they differ only in the rounding of the symmetric products, so the
     outputs agree to a few bf16 ulps of the O(1) result, and both land in the quintic's band."""
+    calls = []
+    monkeypatch.setattr(ns, "symmetric_gram", lambda *a, **k: calls.append(1) or symmetric_gram(*a, **k))
     g = torch.randn(shape, device="cuda")
     o_sym = ns.zeropower(g, kernel="symmetric").float()
+    assert len(calls) == 2 * 5  # the kernel ran (X X^T and A A per iteration), not the torch path
     o_ref = ns.zeropower(g).float()
     assert (o_sym - o_ref).norm() <= 0.02 * o_ref.norm()
     s = torch.linalg.svdvals(o_sym)
@@ -81,7 +84,9 @@ def test_newton_schulz_through_the_kernel_equals_the_torch_path(shape):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_muon_with_the_symmetric_kernel_tracks_the_default_over_50_steps():
+def test_muon_with_the_symmetric_kernel_tracks_the_default_over_50_steps(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ns, "symmetric_gram", lambda *a, **k: calls.append(1) or symmetric_gram(*a, **k))
     torch.manual_seed(0)
     shapes = [(256, 256)] * 4 + [(512, 128), (64, 3, 3, 3)]
     init = [torch.randn(s, device="cuda") for s in shapes]
@@ -95,6 +100,7 @@ def test_muon_with_the_symmetric_kernel_tracks_the_default_over_50_steps():
                 p.grad = torch.randn(p.shape, device="cuda", generator=gen)
             opt.step()
         runs[kernel] = ps
+        assert bool(calls) == (kernel == "symmetric")  # ns_kernel reached Newton-Schulz
     travelled = sum(((p - i) ** 2).sum() for p, i in zip(runs["torch"], init)) ** 0.5
     diff = sum(((p - q) ** 2).sum() for p, q in zip(runs["symmetric"], runs["torch"])) ** 0.5
     assert diff <= 0.02 * travelled
