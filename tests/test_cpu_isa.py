@@ -10,6 +10,7 @@ from conftest import CPU_TIERS
 OPTIMIZERS = {
     "AdamW": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
     "AdamW master": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, master_weights=True),
+    "AdamW bf16 states": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16),
     "AdamW8bit": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=0),
     "Lion": lambda ps: fusedopt.Lion(ps, lr=1e-3, weight_decay=0.1, state_dtype=torch.bfloat16),
     "Lion8bit": lambda ps: fusedopt.Lion8bit(ps, lr=1e-3, weight_decay=0.1, min_8bit_size=0),
@@ -42,12 +43,18 @@ def isa():
 
 
 def _run(make, dtype):
+    """Subnormal params beside zero grads (p * decay stays subnormal) and grads of ~1e-18 (v
+    subnormal): the AVX-512 tier's bf16 stores (cpu/store_tile.h) take another path for those."""
     g = torch.Generator().manual_seed(0)
-    ps = [torch.randn(n, generator=g).to(dtype).requires_grad_() for n in (1, 255, 4097, 70001)]
+    ps = [torch.randn(n, generator=g) for n in (1, 255, 4097, 70001)]
+    ps[2][:64] *= 1e-39
+    ps = [p.to(dtype).requires_grad_() for p in ps]
     opt = make(ps)
     for _ in range(5):
         for p in ps:
             p.grad = (torch.randn(p.shape, generator=g) * torch.logspace(-4, 1, p.numel())).to(dtype)
+        ps[2].grad[:32] = 0
+        ps[2].grad[32:64] *= 1e-14
         opt.step()
     return ps, opt
 

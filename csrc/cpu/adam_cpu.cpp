@@ -1,7 +1,10 @@
-// Adam/AdamW on the CPU: math/adam.h applied over chunked OpenMP work items.
+// Adam/AdamW on the CPU: math/adam.h applied over chunked OpenMP work items, a tile at a time
+// (cpu/store_tile.h: bf16 outputs are stored per tile).
+#include <algorithm>
 #include <stdexcept>
 
 #include "cpu/parallel.h"
+#include "cpu/store_tile.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math/adam.h"
 #include "ops.h"
@@ -12,27 +15,38 @@ namespace {
 using math::AdamScalars;
 
 // Common: AdamW or wd == 0 (no L2 term) and beta1 > 0.5 (lerp from m); the rest reads the flags.
-template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster, bool Common>
-FUSEDOPT_HD void adam_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const AdamScalars& s) {
+template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster, bool Common, cpu::Isa I>
+FUSEDOPT_CPU_KERNEL inline void adam_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end,
+                                          const AdamScalars& s) {
   P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
   const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
   S* __restrict__ m = reinterpret_cast<S*>(l.ptrs[kExpAvg][t]);
   S* __restrict__ v = reinterpret_cast<S*>(l.ptrs[kExpAvgSq][t]);
   S* __restrict__ vm = reinterpret_cast<S*>(l.ptr(kMaxExpAvgSq, t));
   float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
-  for (int64_t i = begin; i < end; ++i) {
-    float pf = UseMaster ? master[i] : load_float(p, i);
-    float mf = load_float(m, i);
-    float vf = load_float(v, i);
-    float vmf = Amsgrad ? load_float(vm, i) : 0.0f;
-    constexpr math::Known kL2 = Common ? math::Known::kNo : math::Known::kRuntime;
-    constexpr math::Known kLerp = Common ? math::Known::kYes : math::Known::kRuntime;
-    math::adam_update<Amsgrad, kL2, kLerp>(pf, load_float(g, i), mf, vf, vmf, s);
-    if (UseMaster) master[i] = pf;
-    store_float(p, i, pf);
-    store_float(m, i, mf);
-    store_float(v, i, vf);
-    if (Amsgrad) store_float(vm, i, vmf);
+  constexpr math::Known kL2 = Common ? math::Known::kNo : math::Known::kRuntime;
+  constexpr math::Known kLerp = Common ? math::Known::kYes : math::Known::kRuntime;
+  for (int64_t i0 = begin; i0 < end; i0 += cpu::kTile) {
+    const int n = int(std::min<int64_t>(cpu::kTile, end - i0));
+    cpu::OutTile<P> po(p);
+    cpu::OutTile<S> mo(m), vo(v), vmo(vm);
+    for (int k = 0; k < n; ++k) {
+      const int64_t i = i0 + k;
+      float pf = UseMaster ? master[i] : load_float(p, i);
+      float mf = load_float(m, i);
+      float vf = load_float(v, i);
+      float vmf = Amsgrad ? load_float(vm, i) : 0.0f;
+      math::adam_update<Amsgrad, kL2, kLerp>(pf, load_float(g, i), mf, vf, vmf, s);
+      if (UseMaster) master[i] = pf;
+      po.put(i, k, pf);
+      mo.put(i, k, mf);
+      vo.put(i, k, vf);
+      if (Amsgrad) vmo.put(i, k, vmf);
+    }
+    po.template flush<I>(i0, n);
+    mo.template flush<I>(i0, n);
+    vo.template flush<I>(i0, n);
+    if (Amsgrad) vmo.template flush<I>(i0, n);
   }
 }
 
@@ -59,8 +73,9 @@ void adam_step_cpu(const AdamLaunch& L) {
           using P = decltype(p_tag);
           using G = decltype(g_tag);
           using S = decltype(s_tag);
-          cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
-            adam_loop<P, G, S, decltype(ams)::value, decltype(mst)::value, decltype(cmn)::value>(
+          cpu::parallel_over_chunks(L.lists.numels, L.num_threads,
+                                    [&](const cpu::WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
+            adam_loop<P, G, S, decltype(ams)::value, decltype(mst)::value, decltype(cmn)::value, decltype(isa)::value>(
                 L.lists, w.tensor, w.begin, w.end, scalars[w.tensor]);
           });
         });

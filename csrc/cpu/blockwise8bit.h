@@ -12,6 +12,7 @@
 
 #include "cpu/parallel.h"
 #include "cpu/quantize_block.h"
+#include "cpu/store_tile.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math/quant8.h"
 #include "fusedopt/tensor_list.h"
@@ -20,6 +21,7 @@ namespace fusedopt {
 namespace cpu {
 
 static_assert(kChunkSize % math::kQuantBlock == 0, "a CPU work item must hold whole quantization blocks");
+static_assert(math::kQuantBlock <= kTile, "a block's params are stored as one tile");
 
 constexpr int64_t kPrefetchBlocks = 4;
 
@@ -60,6 +62,7 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
     // The block's absmax per moment, taken as the moments are written: a second pass would
     // reload every moment for a max the update loop gets for one op per register.
     uint32_t amax_bits[K] = {};
+    OutTile<P> po(p);
     for (int k = 0; k < len; ++k) {
       const int64_t i = b0 + k;
       float pf = UseMaster ? master[i] : load_float(p, i);
@@ -67,12 +70,13 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
       for (int j = 0; j < K; ++j) mf[j] = m[j][k];
       Rule::template update<Common>(pf, load_float(g, i), mf, s);
       if (UseMaster) master[i] = pf;
-      store_float(p, i, pf);
+      po.put(i, k, pf);
       for (int j = 0; j < K; ++j) {
         m[j][k] = mf[j];
         amax_bits[j] = std::max(amax_bits[j], float_bits(mf[j]) & 0x7fffffffu);  // as block_absmax
       }
     }
+    po.template flush<I>(b0, len);
     for (int j = 0; j < K; ++j) {
       const float amax = bits_float(amax_bits[j]);  // the rules keep moments finite
       absmax[j][b] = amax;

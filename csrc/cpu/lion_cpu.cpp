@@ -1,7 +1,10 @@
-// Lion on the CPU: math/lion.h applied over chunked OpenMP work items; with an 8-bit momentum,
-// math::Lion8bitRule through cpu/blockwise8bit.h.
+// Lion on the CPU: math/lion.h applied over chunked OpenMP work items, a tile at a time
+// (cpu/store_tile.h); with an 8-bit momentum, math::Lion8bitRule through cpu/blockwise8bit.h.
+#include <algorithm>
+
 #include "cpu/blockwise8bit.h"
 #include "cpu/parallel.h"
+#include "cpu/store_tile.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math/lion.h"
 #include "fusedopt/math/lion8bit.h"
@@ -10,19 +13,28 @@
 namespace fusedopt {
 namespace {
 
-template <typename P, typename G, typename S, bool UseMaster>
-FUSEDOPT_HD void lion_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end, const math::LionScalars& s) {
+template <typename P, typename G, typename S, bool UseMaster, cpu::Isa I>
+FUSEDOPT_CPU_KERNEL inline void lion_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end,
+                                          const math::LionScalars& s) {
   P* __restrict__ p = reinterpret_cast<P*>(l.ptrs[kParam][t]);
   const G* __restrict__ g = reinterpret_cast<const G*>(l.ptrs[kGrad][t]);
   S* __restrict__ m = reinterpret_cast<S*>(l.ptrs[kExpAvg][t]);
   float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
-  for (int64_t i = begin; i < end; ++i) {
-    float pf = UseMaster ? master[i] : load_float(p, i);
-    float mf = load_float(m, i);
-    math::lion_update(pf, load_float(g, i), mf, s);
-    if (UseMaster) master[i] = pf;
-    store_float(p, i, pf);
-    store_float(m, i, mf);
+  for (int64_t i0 = begin; i0 < end; i0 += cpu::kTile) {
+    const int n = int(std::min<int64_t>(cpu::kTile, end - i0));
+    cpu::OutTile<P> po(p);
+    cpu::OutTile<S> mo(m);
+    for (int k = 0; k < n; ++k) {
+      const int64_t i = i0 + k;
+      float pf = UseMaster ? master[i] : load_float(p, i);
+      float mf = load_float(m, i);
+      math::lion_update(pf, load_float(g, i), mf, s);
+      if (UseMaster) master[i] = pf;
+      po.put(i, k, pf);
+      mo.put(i, k, mf);
+    }
+    po.template flush<I>(i0, n);
+    mo.template flush<I>(i0, n);
   }
 }
 
@@ -38,8 +50,8 @@ void lion_step_cpu(const LionLaunch& L) {
       using P = decltype(p_tag);
       using G = decltype(g_tag);
       using S = decltype(s_tag);
-      cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w) FUSEDOPT_CPU_KERNEL {
-        lion_loop<P, G, S, decltype(mst)::value>(L.lists, w.tensor, w.begin, w.end, s);
+      cpu::parallel_over_chunks(L.lists.numels, L.num_threads, [&](const cpu::WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
+        lion_loop<P, G, S, decltype(mst)::value, decltype(isa)::value>(L.lists, w.tensor, w.begin, w.end, s);
       });
     });
   });
