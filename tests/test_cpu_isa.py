@@ -44,7 +44,7 @@ def isa():
 
 def _run(make, dtype):
     """Subnormal params beside zero grads (p * decay stays subnormal) and grads of ~1e-18 (v
-    subnormal): the AVX-512 tier's bf16 stores (cpu/store_tile.h) take another path for those."""
+    subnormal): the AVX-512 tier's bf16 stores (cpu/tile_io.h) take another path for those."""
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(n, generator=g) for n in (1, 255, 4097, 70001)]
     ps[2][:64] *= 1e-39

@@ -1,10 +1,10 @@
 // Adam/AdamW on the CPU: math/adam.h applied over chunked OpenMP work items, a tile at a time
-// (cpu/store_tile.h: bf16 outputs are stored per tile).
+// (cpu/tile_io.h: 16-bit values are converted per tile).
 #include <algorithm>
 #include <stdexcept>
 
 #include "cpu/parallel.h"
-#include "cpu/store_tile.h"
+#include "cpu/tile_io.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math/adam.h"
 #include "ops.h"
@@ -28,25 +28,28 @@ FUSEDOPT_CPU_KERNEL inline void adam_loop(const TensorLists& l, int32_t t, int64
   constexpr math::Known kLerp = Common ? math::Known::kYes : math::Known::kRuntime;
   for (int64_t i0 = begin; i0 < end; i0 += cpu::kTile) {
     const int n = int(std::min<int64_t>(cpu::kTile, end - i0));
-    cpu::OutTile<P> po(p);
-    cpu::OutTile<S> mo(m), vo(v), vmo(vm);
+    const cpu::InTile<P, I> pi(p, i0, UseMaster ? 0 : n);
+    const cpu::InTile<G, I> gi(g, i0, n);
+    const cpu::InTile<S, I> mi(m, i0, n), vi(v, i0, n), vmi(vm, i0, Amsgrad ? n : 0);
+    cpu::OutTile<P, I> po;
+    cpu::OutTile<S, I> mo, vo, vmo;
     for (int k = 0; k < n; ++k) {
       const int64_t i = i0 + k;
-      float pf = UseMaster ? master[i] : load_float(p, i);
-      float mf = load_float(m, i);
-      float vf = load_float(v, i);
-      float vmf = Amsgrad ? load_float(vm, i) : 0.0f;
-      math::adam_update<Amsgrad, kL2, kLerp>(pf, load_float(g, i), mf, vf, vmf, s);
+      float pf = UseMaster ? master[i] : pi.get(p, i, k);
+      float mf = mi.get(m, i, k);
+      float vf = vi.get(v, i, k);
+      float vmf = Amsgrad ? vmi.get(vm, i, k) : 0.0f;
+      math::adam_update<Amsgrad, kL2, kLerp>(pf, gi.get(g, i, k), mf, vf, vmf, s);
       if (UseMaster) master[i] = pf;
-      po.put(i, k, pf);
-      mo.put(i, k, mf);
-      vo.put(i, k, vf);
-      if (Amsgrad) vmo.put(i, k, vmf);
+      po.put(p, i, k, pf);
+      mo.put(m, i, k, mf);
+      vo.put(v, i, k, vf);
+      if (Amsgrad) vmo.put(vm, i, k, vmf);
     }
-    po.template flush<I>(i0, n);
-    mo.template flush<I>(i0, n);
-    vo.template flush<I>(i0, n);
-    if (Amsgrad) vmo.template flush<I>(i0, n);
+    po.flush(p, i0, n);
+    mo.flush(m, i0, n);
+    vo.flush(v, i0, n);
+    if (Amsgrad) vmo.flush(vm, i0, n);
   }
 }
 

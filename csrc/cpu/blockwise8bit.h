@@ -12,7 +12,7 @@
 
 #include "cpu/parallel.h"
 #include "cpu/quantize_block.h"
-#include "cpu/store_tile.h"
+#include "cpu/tile_io.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math/quant8.h"
 #include "fusedopt/tensor_list.h"
@@ -62,21 +62,23 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
     // The block's absmax per moment, taken as the moments are written: a second pass would
     // reload every moment for a max the update loop gets for one op per register.
     uint32_t amax_bits[K] = {};
-    OutTile<P> po(p);
+    const InTile<P, I> pi(p, b0, UseMaster ? 0 : len);
+    const InTile<G, I> gi(g, b0, len);
+    OutTile<P, I> po;
     for (int k = 0; k < len; ++k) {
       const int64_t i = b0 + k;
-      float pf = UseMaster ? master[i] : load_float(p, i);
+      float pf = UseMaster ? master[i] : pi.get(p, i, k);
       float mf[K];
       for (int j = 0; j < K; ++j) mf[j] = m[j][k];
-      Rule::template update<Common>(pf, load_float(g, i), mf, s);
+      Rule::template update<Common>(pf, gi.get(g, i, k), mf, s);
       if (UseMaster) master[i] = pf;
-      po.put(i, k, pf);
+      po.put(p, i, k, pf);
       for (int j = 0; j < K; ++j) {
         m[j][k] = mf[j];
         amax_bits[j] = std::max(amax_bits[j], float_bits(mf[j]) & 0x7fffffffu);  // as block_absmax
       }
     }
-    po.template flush<I>(b0, len);
+    po.flush(p, b0, len);
     for (int j = 0; j < K; ++j) {
       const float amax = bits_float(amax_bits[j]);  // the rules keep moments finite
       absmax[j][b] = amax;

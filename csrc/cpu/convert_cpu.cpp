@@ -1,10 +1,11 @@
-// Elementwise conversion through dtype.h, stored as the optimizer loops store (cpu/store_tile.h,
-// on the widest tier allowed): exposed so tests can check the shared rounding code, and every
-// tier's 16-bit stores, against torch's own casts, exhaustively for 16-bit inputs.
+// Elementwise conversion through dtype.h, loaded and stored as the optimizer loops do
+// (cpu/tile_io.h, on the widest tier allowed): exposed so tests can check the shared rounding
+// code, and every tier's 16-bit loads and stores, against torch's own casts, exhaustively for
+// 16-bit inputs.
 #include <algorithm>
 
 #include "cpu/parallel.h"
-#include "cpu/store_tile.h"
+#include "cpu/tile_io.h"
 #include "fusedopt/dispatch.h"
 #include "ops.h"
 
@@ -20,9 +21,11 @@ void convert_cpu(uintptr_t src, DType src_dtype, uintptr_t dst, DType dst_dtype,
       cpu::parallel_over_chunks({n}, 1, [&](const cpu::WorkItem& w, auto isa) FUSEDOPT_CPU_KERNEL {
         for (int64_t i0 = w.begin; i0 < w.end; i0 += cpu::kTile) {
           const int len = int(std::min<int64_t>(cpu::kTile, w.end - i0));
-          cpu::OutTile<D> out(d);
-          for (int k = 0; k < len; ++k) out.put(i0 + k, k, load_float(s, i0 + k));
-          out.template flush<decltype(isa)::value>(i0, len);
+          constexpr cpu::Isa I = decltype(isa)::value;
+          const cpu::InTile<S, I> in(s, i0, len);
+          cpu::OutTile<D, I> out;
+          for (int k = 0; k < len; ++k) out.put(d, i0 + k, k, in.get(s, i0 + k, k));
+          out.flush(d, i0, len);
         }
       });
     });

@@ -1,10 +1,10 @@
 // Lion on the CPU: math/lion.h applied over chunked OpenMP work items, a tile at a time
-// (cpu/store_tile.h); with an 8-bit momentum, math::Lion8bitRule through cpu/blockwise8bit.h.
+// (cpu/tile_io.h); with an 8-bit momentum, math::Lion8bitRule through cpu/blockwise8bit.h.
 #include <algorithm>
 
 #include "cpu/blockwise8bit.h"
 #include "cpu/parallel.h"
-#include "cpu/store_tile.h"
+#include "cpu/tile_io.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math/lion.h"
 #include "fusedopt/math/lion8bit.h"
@@ -22,19 +22,22 @@ FUSEDOPT_CPU_KERNEL inline void lion_loop(const TensorLists& l, int32_t t, int64
   float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
   for (int64_t i0 = begin; i0 < end; i0 += cpu::kTile) {
     const int n = int(std::min<int64_t>(cpu::kTile, end - i0));
-    cpu::OutTile<P> po(p);
-    cpu::OutTile<S> mo(m);
+    const cpu::InTile<P, I> pi(p, i0, UseMaster ? 0 : n);
+    const cpu::InTile<G, I> gi(g, i0, n);
+    const cpu::InTile<S, I> mi(m, i0, n);
+    cpu::OutTile<P, I> po;
+    cpu::OutTile<S, I> mo;
     for (int k = 0; k < n; ++k) {
       const int64_t i = i0 + k;
-      float pf = UseMaster ? master[i] : load_float(p, i);
-      float mf = load_float(m, i);
-      math::lion_update(pf, load_float(g, i), mf, s);
+      float pf = UseMaster ? master[i] : pi.get(p, i, k);
+      float mf = mi.get(m, i, k);
+      math::lion_update(pf, gi.get(g, i, k), mf, s);
       if (UseMaster) master[i] = pf;
-      po.put(i, k, pf);
-      mo.put(i, k, mf);
+      po.put(p, i, k, pf);
+      mo.put(m, i, k, mf);
     }
-    po.template flush<I>(i0, n);
-    mo.template flush<I>(i0, n);
+    po.flush(p, i0, n);
+    mo.flush(m, i0, n);
   }
 }
 

@@ -55,13 +55,14 @@ def check(impl_name: str, device: str) -> str | None:
     impl = IMPLS[impl_name]
     torch.manual_seed(0)
     shapes = [(3, 70001), (1000,), (7,)]
-    params = [torch.randn(s, device=device).to(impl.dtype) for s in shapes]
+    # At |p| ~ 0.01 bf16's spacing (~6e-5) is well below the steps (~lr): a wrong p shows in bf16 too
+    params = [(0.01 * torch.randn(s, device=device)).to(impl.dtype) for s in shapes]
     refs = [p.detach().float().clone() for p in params]  # float() alone returns fp32 params themselves
-    for p, r in zip(params, refs):
-        p.grad = torch.randn_like(p)
-        r.grad = p.grad.float()
     opt, ref_opt = impl.make(params), torch.optim.AdamW(refs, **HYPER, foreach=False)
-    for _ in range(2):
+    for _ in range(2):  # a new gradient each step: under a constant one m-hat is g whatever beta1 is
+        for p, r in zip(params, refs):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.float()
         opt.step()
         ref_opt.step()
     try:
