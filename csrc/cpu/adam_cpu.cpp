@@ -14,7 +14,7 @@ namespace {
 
 using math::AdamScalars;
 
-// Common: AdamW or wd == 0 (no L2 term) and beta1 > 0.5 (lerp from m); the rest reads the flags.
+// Common: math::adam_is_common; the rest reads the flags.
 template <typename P, typename G, typename S, bool Amsgrad, bool UseMaster, bool Common, cpu::Isa I>
 FUSEDOPT_CPU_KERNEL inline void adam_loop(const TensorLists& l, int32_t t, int64_t begin, int64_t end,
                                           const AdamScalars& s) {
@@ -24,8 +24,6 @@ FUSEDOPT_CPU_KERNEL inline void adam_loop(const TensorLists& l, int32_t t, int64
   S* __restrict__ v = reinterpret_cast<S*>(l.ptrs[kExpAvgSq][t]);
   S* __restrict__ vm = reinterpret_cast<S*>(l.ptr(kMaxExpAvgSq, t));
   float* __restrict__ master = reinterpret_cast<float*>(l.ptr(kMaster, t));
-  constexpr math::Known kL2 = Common ? math::Known::kNo : math::Known::kRuntime;
-  constexpr math::Known kLerp = Common ? math::Known::kYes : math::Known::kRuntime;
   for (int64_t i0 = begin; i0 < end; i0 += cpu::kTile) {
     const int n = int(std::min<int64_t>(cpu::kTile, end - i0));
     const cpu::InTile<P, I> pi(p, i0, UseMaster ? 0 : n);
@@ -39,7 +37,7 @@ FUSEDOPT_CPU_KERNEL inline void adam_loop(const TensorLists& l, int32_t t, int64
       float mf = mi.get(m, i, k);
       float vf = vi.get(v, i, k);
       float vmf = Amsgrad ? vmi.get(vm, i, k) : 0.0f;
-      math::adam_update<Amsgrad, kL2, kLerp>(pf, gi.get(g, i, k), mf, vf, vmf, s);
+      math::adam_update_known<Amsgrad, Common>(pf, gi.get(g, i, k), mf, vf, vmf, s);
       if (UseMaster) master[i] = pf;
       po.put(p, i, k, pf);
       mo.put(m, i, k, mf);
@@ -67,8 +65,7 @@ void adam_step_cpu(const AdamLaunch& L) {
     scalars[t] = math::adam_scalars(L.config, h.lr, double(*step), h.grad_scale);
   }
   const bool master = L.dtypes.param != DType::kFloat32 && !L.lists.ptrs[kMaster].empty();
-  // l2 and lerp_w do not depend on the step: the same for every tensor of the launch
-  const bool common = n > 0 && scalars[0].l2 == 0.0f && scalars[0].lerp_w < 0.5f;
+  const bool common = n > 0 && math::adam_is_common(scalars[0]);
   dispatch_param_grad_state(L.dtypes.param, L.dtypes.grad, L.dtypes.state, [&](auto p_tag, auto g_tag, auto s_tag) {
     dispatch_bool(L.amsgrad, [&](auto ams) {
       dispatch_bool(master, [&](auto mst) {

@@ -93,7 +93,7 @@ template <typename Rule>
 void blockwise8bit_step(const TensorLists& lists, const DTypes& dtypes, const math::QuantMap* const* maps,
                         const std::vector<typename Rule::Scalars>& scalars, int num_threads) {
   const bool master = dtypes.param != DType::kFloat32 && !lists.ptrs[kMaster].empty();
-  // The flags Rule::common reads do not depend on the step: the same for every tensor of the launch.
+  // Rule::common reads flags of the launch's one config: the same for every tensor.
   const bool common = !scalars.empty() && Rule::common(scalars[0]);
   dispatch_float(dtypes.param, "param", [&](auto p_tag) {
     dispatch_float(dtypes.grad, "grad", [&](auto g_tag) {

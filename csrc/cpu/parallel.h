@@ -77,7 +77,8 @@ __attribute__((target(FUSEDOPT_TARGET_AVX2))) void run_item_avx2(const F& f, con
 }
 
 // This thread's MXCSR.DAZ (torch.set_flush_denormal sets it), read once per work item for
-// cpu/tile_io.h's bf16 stores: stmxcsr once per tile made a bf16 Lion step 3-7% slower.
+// cpu/tile_io.h's bf16 stores: stmxcsr once per tile made a bf16-state Lion step ~3% slower
+// (one thread, 256K params, Zen 4: 0.535-0.538 against 0.512-0.521 ns per param).
 inline thread_local bool t_mxcsr_daz = false;
 
 template <typename F>

@@ -84,5 +84,17 @@ FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax,
   p = p + s.neg_step_size * (m / denom);
 }
 
+// The form nearly every launch takes: AdamW, or Adam without weight decay (no L2 term), with
+// beta1 > 0.5 (lerp from m). The CPU loops compile it apart (the selected-away arithmetic costs
+// time); it gives the same values as the general form. l2 and lerp_w come from the launch's one
+// AdamConfig, so one tensor's scalars decide for the whole launch.
+FUSEDOPT_HD bool adam_is_common(const AdamScalars& s) { return s.l2 == 0.0f && s.lerp_w < 0.5f; }
+
+template <bool kAmsgrad, bool kCommon>
+FUSEDOPT_HD void adam_update_known(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
+  adam_update<kAmsgrad, kCommon ? Known::kNo : Known::kRuntime, kCommon ? Known::kYes : Known::kRuntime>(p, g, m, v,
+                                                                                                         vmax, s);
+}
+
 }  // namespace math
 }  // namespace fusedopt

@@ -21,15 +21,11 @@
 namespace fusedopt {
 namespace math {
 
-// kCommon: the launch's scalars are AdamW's or wd == 0 (no L2 term) with beta1 > 0.5 (lerp from
-// m), as Adam8bitRule::common says; the CPU loop dispatches on it once per launch (cpu/adam_cpu.cpp's
-// reason: the selected-away arithmetic costs time). The values are the same either way.
+// kCommon: adam_is_common(s) holds (math/adam.h).
 template <bool kCommon = false>
 FUSEDOPT_HD void adam8bit_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
   float p1 = p, m1 = m, v1 = v, unused = 0.0f;
-  constexpr Known kL2 = kCommon ? Known::kNo : Known::kRuntime;
-  constexpr Known kLerpFromSelf = kCommon ? Known::kYes : Known::kRuntime;
-  adam_update<false, kL2, kLerpFromSelf>(p1, g, m1, v1, unused, s);
+  adam_update_known<false, kCommon>(p1, g, m1, v1, unused, s);
   const bool ok = is_finite(m1) && is_finite(v1);
   p = ok ? p1 : p;
   m = ok ? m1 : m;
@@ -46,7 +42,7 @@ struct Adam8bitRule {
   FUSEDOPT_HD Scalars scalars(double lr, float step, float grad_scale) const {
     return adam_scalars(config, lr, double(step), grad_scale);
   }
-  FUSEDOPT_HD static bool common(const Scalars& s) { return s.l2 == 0.0f && s.lerp_w < 0.5f; }
+  FUSEDOPT_HD static bool common(const Scalars& s) { return adam_is_common(s); }
   template <bool kCommon = false>
   FUSEDOPT_HD static void update(float& p, float g, float (&m)[2], const Scalars& s) {
     adam8bit_update<kCommon>(p, g, m[0], m[1], s);
