@@ -3,7 +3,7 @@
 - the 8-bit quantizer and dequantizer of each instruction-set tier (one thread, a 64K-element
   buffer: L2-resident), through the raw blockwise entry points (the quantize row includes the
   block absmax); in the AVX-512 tier of a CPU with VBMI, both of its quantizers (byte permutes
-  over the coarse table, and the gather);
+  over the coarse table, and the gather), marking the one set_cpu_quantizer('auto') picks;
 - torch's bmm in fp32, bf16 and fp16 (8 x 512^3), and Newton-Schulz on 8 bf16 512x512 matrices
   through each of newton_schulz.iterate's CPU paths (native 16-bit GEMMs, or fp32 GEMMs rounded
   to bf16 per product; newton_schulz.cpu_has_16bit_matmul picks one);
@@ -42,21 +42,26 @@ def quantizer_rows() -> list[list]:
             if lib().cpu_isa() != tier:
                 continue
             for signed in (True, False):
-                xs = x if signed else x.abs()
-                # The optimizers' map, and the same map without the coarse table: in the AVX-512
-                # tier with VBMI the two run different quantizers (math/quant8_coarse.h).
-                maps = {}
-                for qm in (quant.quant_map(signed), quant.quant_map(signed, coarse=False)):
-                    maps.setdefault(lib().cpu_quantizer(qm.data_ptr()), qm)
-                for path, qm in maps.items():
+                xs, qm = (x if signed else x.abs()), quant.quant_map(signed)
+                lib().set_cpu_quantizer("auto")
+                chosen = lib().cpu_quantizer(qm.data_ptr())
+                # In the AVX-512 tier with VBMI, set_cpu_quantizer picks between two quantizers
+                # (byte permutes over math/quant8_coarse.h's table, or the gather).
+                paths = {}
+                for choice in ("byte_permutes", "gather"):
+                    lib().set_cpu_quantizer(choice)
+                    paths.setdefault(lib().cpu_quantizer(qm.data_ptr()), choice)
+                for path, choice in paths.items():
+                    lib().set_cpu_quantizer(choice)
                     q = time_cpu(lambda: lib().quantize_blockwise(xs.data_ptr(), n, qm.data_ptr(), codes.data_ptr(),
                                                                   absmax.data_ptr(), 1))
                     d = time_cpu(lambda: lib().dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), n,
                                                                     qm.data_ptr(), out.data_ptr(), 1))
-                    rows.append([tier, "signed" if signed else "unsigned", path, f"{q.median_ms * 1e6 / n:.3f}",
-                                 f"{d.median_ms * 1e6 / n:.3f}"])
+                    rows.append([tier, "signed" if signed else "unsigned", path, "yes" if path == chosen else "-",
+                                 f"{q.median_ms * 1e6 / n:.3f}", f"{d.median_ms * 1e6 / n:.3f}"])
     finally:
         lib().set_cpu_isa_limit("avx512")
+        lib().set_cpu_quantizer("auto")
     return rows
 
 
@@ -106,7 +111,7 @@ def main() -> None:
     prep_rows = prepare_rows(args.threads)
     body = "\n\n".join([
         "## 8-bit quantizer per tier (1 thread, 64K elements, ns per element; quantize includes the block absmax)",
-        markdown_table(["tier", "map", "quantizer", "quantize", "dequantize"], quant_rows),
+        markdown_table(["tier", "map", "quantizer", "auto picks it", "quantize", "dequantize"], quant_rows),
         f"## 16-bit GEMMs and Newton-Schulz ({args.threads} threads, ms)",
         markdown_table(["what", "ms", "path"], mm_rows),
         f"## Muon prepare ({args.threads} threads)",

@@ -229,7 +229,7 @@ PYBIND11_MODULE(_C, m) {
         "Size of the buffer build_quant_map fills (a math::QuantMap)");
   m.def("build_quant_map", &build_quant_map,
         "256 sorted fp32 values -> a math::QuantMap (map + search tables); coarse=False omits the table of the "
-        "AVX-512 VBMI quantizer, which then gathers as on other AVX-512 CPUs (for tests)",
+        "AVX-512 VBMI byte-permute quantizer, so the CPU gathers whatever set_cpu_quantizer says (for tests)",
         py::arg("values"), py::arg("out"), py::arg("coarse") = true);
   m.def("quant_map_has_coarse_table",
         [](uintptr_t map) { return reinterpret_cast<const math::QuantMap*>(map)->coarse.ok != 0; },
@@ -237,7 +237,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("map"));
   m.def("cpu_quantizer", &cpu_quantizer,
         "The quantizer the CPU loops run for a built map at the current instruction-set tier: 'scalar', "
-        "'avx2', 'avx512 gather' or 'avx512 byte permutes' (VBMI, and a map with the coarse table)",
+        "'avx2', 'avx512 gather' or 'avx512 byte permutes' (VBMI, a map with the coarse table, and an AMD CPU "
+        "or set_cpu_quantizer('byte_permutes'))",
         py::arg("map"));
   m.def(
       "quantize_blockwise",
@@ -264,6 +265,10 @@ PYBIND11_MODULE(_C, m) {
       "Cast n elements on the CPU with fusedopt's own rounding (for tests)");
   m.def("cpu_isa", &cpu_isa, "Instruction set of the CPU loops: baseline, avx2 or avx512");
   m.def("set_cpu_isa_limit", &set_cpu_isa_limit, "Cap the CPU loops' instruction set (baseline, avx2, avx512)",
+        py::arg("name"));
+  m.def("set_cpu_quantizer", &set_cpu_quantizer,
+        "Pick the AVX-512 VBMI CPU's quantizer: auto (byte permutes on AMD, gather elsewhere), byte_permutes or "
+        "gather; the codes are the same",
         py::arg("name"));
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_archs", &cuda_archs);

@@ -150,6 +150,9 @@ void convert_cpu(uintptr_t src, DType src_dtype, uintptr_t dst, DType dst_dtype,
 // The instruction set the CPU loops use now ("baseline", "avx2" or "avx512"), and a cap on it.
 const char* cpu_isa();
 void set_cpu_isa_limit(const std::string& name);
+// The AVX-512 quantizer for maps with the coarse table on a CPU with VBMI: "auto" (byte permutes
+// on AMD, the gather elsewhere: cpu/parallel.h), "byte_permutes" or "gather". The codes are the same.
+void set_cpu_quantizer(const std::string& name);
 
 bool cuda_compiled();
 const char* cuda_archs();

@@ -76,6 +76,27 @@ def test_every_instruction_set_gives_the_same_bits(name, dtype, isa):
                 assert torch.equal(v, ref_opt.state[q][key]), f"{tier} state['{key}'] differs from baseline"
 
 
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_both_avx512_quantizers_give_the_same_bits(name, dtype):
+    from conftest import cpu_flags
+    lib().set_cpu_isa_limit("avx512")
+    if lib().cpu_isa() != "avx512" or "avx512vbmi" not in cpu_flags()[0]:
+        pytest.skip("needs AVX-512 VBMI for the byte-permute quantizer")
+    results = {}
+    try:
+        for quantizer in ("gather", "byte_permutes"):
+            lib().set_cpu_quantizer(quantizer)
+            results[quantizer] = _run(OPTIMIZERS[name], dtype)
+    finally:
+        lib().set_cpu_quantizer("auto")
+    (ps, opt), (ref_ps, ref_opt) = results["byte_permutes"], results["gather"]
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(p, q)
+        for key, v in opt.state[p].items():
+            assert torch.equal(v, ref_opt.state[q][key]), key
+
+
 def test_bad_isa_name_is_refused():
     with pytest.raises(ValueError, match="avx3"):
         lib().set_cpu_isa_limit("avx3")

@@ -81,23 +81,16 @@ def _blocks_led_by_one(y):
     return torch.cat([torch.ones(y.numel() // 255, 1), y.view(-1, 255)], dim=1).flatten()
 
 
-def _expected_quantizer(tier, coarse):
-    if tier != "avx512":
-        return {"baseline": "scalar", "avx2": "avx2"}[tier]
-    try:
-        with open("/proc/cpuinfo") as f:
-            vbmi = " avx512vbmi " in f.read().replace("\n", " ")
-    except OSError:
-        pytest.skip("no /proc/cpuinfo to tell whether this CPU has AVX-512 VBMI")
-    return "avx512 byte permutes" if coarse and vbmi else "avx512 gather"
+def _expected_quantizer(quantizer, coarse):
+    return "avx512 gather" if quantizer == "avx512 byte permutes" and not coarse else quantizer
 
 
 @pytest.mark.parametrize("which", ["signed", "unsigned", "scaled", "asymmetric"])
 @pytest.mark.parametrize("coarse", [True, False], ids=["coarse_table", "no_coarse_table"])
-def test_table_search_equals_reference_at_every_edge(which, coarse, tier):
-    """Every tier's search, and in the AVX-512 tier both (with VBMI the byte-permute search of
-    math/quant8_coarse.h's table; without VBMI, or for a map built without that table, the gather
-    from QuantMap::bucket), give the reference's codes at every edge."""
+def test_table_search_equals_reference_at_every_edge(which, coarse, quantizer):
+    """Every tier's search, and in the AVX-512 tier both (the byte-permute search of
+    math/quant8_coarse.h's table, which needs VBMI; the gather from QuantMap::bucket, which also
+    serves maps built without that table), give the reference's codes at every edge."""
     q = _maps_for_search_tests()[which]
     y = _hard_inputs(q)
     if which == "unsigned":
@@ -106,7 +99,7 @@ def test_table_search_equals_reference_at_every_edge(which, coarse, tier):
     qm = _built_map(q, coarse)
     assert _has_coarse_table(qm) == coarse
     from fusedopt._ext import lib
-    assert lib().cpu_quantizer(qm.data_ptr()) == _expected_quantizer(tier, coarse)
+    assert lib().cpu_quantizer(qm.data_ptr()) == _expected_quantizer(quantizer, coarse)
     codes, absmax = _raw_quantize(x, qm)
     assert bool((absmax == 1).all())
     assert torch.equal(codes, reference_quantize(x, absmax, q))
@@ -114,7 +107,7 @@ def test_table_search_equals_reference_at_every_edge(which, coarse, tier):
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("coarse", [True, False], ids=["coarse_table", "no_coarse_table"])
-def test_every_float_of_the_densest_binade(signed, coarse):
+def test_every_float_of_the_densest_binade(signed, coarse, avx512_quantizer):
     """All 2^23 floats of [0.5, 1) (and their negatives in the signed map), where the maps hold
     the most codes per binade and the coarse table the most changes per bucket."""
     y = torch.arange(0x3F000000, 0x3F800000, dtype=torch.int32).view(torch.float32)
@@ -130,7 +123,7 @@ def test_every_float_of_the_densest_binade(signed, coarse):
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 5000, 70001])
-def test_native_quantizer_equals_torch_reference_bitwise(signed, n, tier):
+def test_native_quantizer_equals_torch_reference_bitwise(signed, n, quantizer):
     x = _data(n)
     if not signed:
         x = x.abs()
@@ -193,7 +186,7 @@ def test_extremes_zeros_and_all_zero_blocks_are_exact(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_denormal_absmax_keeps_zeros_and_signs(signed, tier):
+def test_denormal_absmax_keeps_zeros_and_signs(signed, quantizer):
     # 1 / absmax overflows below 2.9e-39: such a block must not turn its zeros into NaN and -1.
     x = torch.zeros(512)
     x[:4] = torch.tensor([1e-40, 5e-41, -1e-41, 0.0])
@@ -257,10 +250,34 @@ def _has_coarse_table(qm):
     return lib().quant_map_has_coarse_table(qm.data_ptr())
 
 
+def test_auto_quantizer_takes_the_byte_permutes_on_amd_only(tier):
+    """The byte permutes beat the gather where AMD microcodes it and lose to it on Intel
+    (cpu/parallel.h gives the numbers), so the default asks the vendor; both give the same codes
+    (test_table_search_equals_reference_at_every_edge)."""
+    from conftest import cpu_flags
+    from fusedopt._ext import lib
+    flags, vendor = cpu_flags()
+    qm = quant.quant_map(True)
+    if tier != "avx512":
+        assert lib().cpu_quantizer(qm.data_ptr()) == {"baseline": "scalar", "avx2": "avx2"}[tier]
+        return
+    permutes = "avx512vbmi" in flags and vendor == "AuthenticAMD"
+    assert lib().cpu_quantizer(qm.data_ptr()) == ("avx512 byte permutes" if permutes else "avx512 gather")
+
+
+def test_bad_quantizer_name_is_refused_and_keeps_the_choice():
+    from fusedopt._ext import lib
+    qm = quant.quant_map(True)
+    before = lib().cpu_quantizer(qm.data_ptr())
+    with pytest.raises(ValueError, match="'permute'.*auto, byte_permutes, gather"):
+        lib().set_cpu_quantizer("permute")
+    assert lib().cpu_quantizer(qm.data_ptr()) == before
+
+
 def test_coarse_table_holds_the_dynamic_maps_and_refuses_denser_ones():
     """The optimizers' maps get the 256-bucket table (their AVX-512 VBMI quantizer does not
     gather); a map that 127 buckets per sign cannot hold does not, and is then quantized by the
-    gather (test_map_with_zero_as_its_top_code_on_every_tier: all 255 nonzero codes of this one
+    gather (test_map_with_zero_as_its_top_code_on_every_quantizer: all 255 nonzero codes of this one
     are negative)."""
     assert _has_coarse_table(quant.quant_map(True)) and _has_coarse_table(quant.quant_map(False))
     assert not _has_coarse_table(_built_map(-torch.flip(UMAP, [0])))
@@ -268,18 +285,18 @@ def test_coarse_table_holds_the_dynamic_maps_and_refuses_denser_ones():
     assert not _has_coarse_table(_built_map(torch.cat([SMAP[SMAP < 0] * 0.3, SMAP[SMAP >= 0]])))
 
 
-def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_tier(tier):
+def test_raw_quantizer_keeps_negative_values_at_zero_in_the_unsigned_map_on_every_quantizer(quantizer):
     """The unsigned map has no negative code: below the Python checks (which refuse such input),
-    the native rounding sends x < 0 to the zero code, never wrapping to 255, in every ISA tier."""
+    the native rounding sends x < 0 to the zero code, never wrapping to 255, in every quantizer."""
     x = torch.cat([-torch.rand(300), torch.rand(300)])
     codes, absmax = _raw_quantize(x, quant.quant_map(False))
     assert bool((codes[:300] == quant.UNSIGNED_ZERO_CODE).all())
     assert torch.equal(codes, reference_quantize(x.clamp(min=0), absmax, UMAP))  # x < 0 codes as x = 0
 
 
-def test_map_with_zero_as_its_top_code_on_every_tier(tier):
+def test_map_with_zero_as_its_top_code_on_every_quantizer(quantizer):
     """A map of values in [-1, 0] (zero_code 255, no code above zero): positive x stays at the
-    zero code, negative x follows the nearest-entry rule, on every tier. (Only the raw entry point
+    zero code, negative x follows the nearest-entry rule, in every quantizer. (Only the raw entry point
     takes such a map: the optimizers use the two dynamic maps.)"""
     values = -torch.flip(quant.dynamic_map(False), [0])
     g = torch.Generator().manual_seed(3)
@@ -293,13 +310,13 @@ def test_map_with_zero_as_its_top_code_on_every_tier(tier):
 
 @pytest.mark.parametrize("which", ["signed", "unsigned", "zero_on_top"])
 @pytest.mark.parametrize("coarse", [True, False], ids=["coarse_table", "no_coarse_table"])
-def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, coarse, tier):
+def test_raw_quantizer_on_non_finite_blocks_and_signed_zeros(which, coarse, quantizer):
     """Below the Python checks, a block holding inf or NaN has absmax inf or NaN, so 1 / absmax is
     taken as 0 and every x * inv is +-0 (finite x) or NaN (inf, NaN): finite nonzero x keep their
     sign's code next to zero and zeros of either sign the zero code; a NaN y rounds to the map's
     lowest value, which is 0 in the unsigned map, where the sign rule then moves +inf up and keeps
     NaN and -inf at the zero code (math/quant8.h's zero_forced). Written out per element; the
-    same on every tier."""
+    same in every quantizer."""
     values = {"signed": SMAP, "unsigned": UMAP, "zero_on_top": -torch.flip(UMAP, [0])}[which]
     zc = int((values == 0).nonzero())
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 1e-38, -3.0, 2.5e38])

@@ -24,4 +24,18 @@ void set_cpu_isa_limit(const std::string& name) {
   throw std::invalid_argument("fusedopt.set_cpu_isa_limit: '" + name + "' is not one of baseline, avx2, avx512");
 }
 
+namespace {
+constexpr const char* kQuantizerChoices[] = {"auto", "byte_permutes", "gather"};
+}
+
+void set_cpu_quantizer(const std::string& name) {
+  for (int i = 0; i < 3; ++i) {
+    if (name == kQuantizerChoices[i]) {
+      cpu::quantizer_choice().store(i);
+      return;
+    }
+  }
+  throw std::invalid_argument("fusedopt.set_cpu_quantizer: '" + name + "' is not one of auto, byte_permutes, gather");
+}
+
 }  // namespace fusedopt

@@ -106,6 +106,28 @@ inline bool has_avx512_vbmi() {
 }
 #endif
 
+// Which AVX-512 quantizer a map with the coarse table runs where the CPU has VBMI. The byte
+// permutes win where a gather is microcoded (AMD: 0.28-0.44 against 0.44-0.58 ns per element on
+// Zen 5 and Zen 4) and lose where it is not (a Sapphire Rapids Xeon: 0.62-0.87 against 0.45-0.65),
+// so kAuto asks the vendor; set_cpu_quantizer (ops.h) overrides it for tests and benchmarks.
+enum class QuantizerChoice : int { kAuto = 0, kBytePermutes = 1, kGather = 2 };
+
+inline std::atomic<int>& quantizer_choice() {
+  static std::atomic<int> choice{int(QuantizerChoice::kAuto)};
+  return choice;
+}
+
+#if defined(__x86_64__)
+inline bool use_byte_permute_quantizer() {
+  static const bool amd = __builtin_cpu_is("amd");
+  switch (QuantizerChoice(quantizer_choice().load(std::memory_order_relaxed))) {
+    case QuantizerChoice::kBytePermutes: return has_avx512_vbmi();
+    case QuantizerChoice::kGather: return false;
+    default: return has_avx512_vbmi() && amd;
+  }
+}
+#endif
+
 // The widest instruction set this CPU has, capped by isa_limit() (set_cpu_isa_limit in ops.h:
 // benchmarks compare the tiers, tests check that they agree bitwise).
 

@@ -30,7 +30,7 @@ const char* cpu_quantizer(uintptr_t map) {
     default: break;
   }
 #if defined(__x86_64__)
-  if (cpu::has_avx512_vbmi() && q.coarse.ok) return "avx512 byte permutes";
+  if (q.coarse.ok && cpu::use_byte_permute_quantizer()) return "avx512 byte permutes";
 #endif
   return "avx512 gather";
 }

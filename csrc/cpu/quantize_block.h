@@ -48,8 +48,8 @@ FUSEDOPT_CPU_KERNEL inline void quantize_block(const math::QuantMap& q, const fl
 #if defined(__x86_64__)
   if constexpr (I == Isa::kAvx2) k = quantize_block_avx2(q, x, len, inv, codes);
   if constexpr (I == Isa::kAvx512) {
-    k = has_avx512_vbmi() && q.coarse.ok ? quantize_block_avx512_vbmi(q, x, len, inv, codes)
-                                         : quantize_block_avx512(q, x, len, inv, codes);
+    k = q.coarse.ok && use_byte_permute_quantizer() ? quantize_block_avx512_vbmi(q, x, len, inv, codes)
+                                                    : quantize_block_avx512(q, x, len, inv, codes);
   }
 #endif
   for (; k < len; ++k) codes[k] = math::quantize(q, x[k], inv);

@@ -58,14 +58,14 @@ def dynamic_map(signed: bool) -> torch.Tensor:
 
 
 @functools.cache
-def quant_map(signed: bool, coarse: bool = True) -> torch.Tensor:
+def quant_map(signed: bool) -> torch.Tensor:
     """The dynamic map as the kernels take it: a uint8 CPU buffer holding a ``math::QuantMap`` (the
     256 values and the tables that guide the search for the nearest one; csrc/.../math/quant8.h
-    and quant8_coarse.h). ``coarse=False`` leaves out the AVX-512 VBMI quantizer's table, so the
-    CPU gathers instead (benchmarks and tests compare the two; the codes are the same)."""
+    and quant8_coarse.h, whose table the AVX-512 VBMI quantizer reads where
+    ``lib().set_cpu_quantizer`` lets it run: by default on AMD)."""
     values = dynamic_map(signed)
     out = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
-    lib().build_quant_map(values.data_ptr(), out.data_ptr(), coarse)
+    lib().build_quant_map(values.data_ptr(), out.data_ptr(), True)
     return out
 
 
