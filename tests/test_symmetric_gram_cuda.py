@@ -38,6 +38,20 @@ def test_gram_matches_fp64_and_is_exactly_symmetric(rows, cols):
 
 @requires_cuda
 @pytest.mark.cuda
+def test_a_batch_past_one_launchs_65535_matrices_is_sliced():
+    """gridDim.y caps a launch at 65535 matrices; the last slice holds two, with C and an offset."""
+    x = torch.randn(65537, 3, 8, device="cuda").bfloat16()
+    c = torch.randn(65537, 3, 3, device="cuda").bfloat16()
+    c = c + c.mT
+    out = symmetric_gram(x, c, alpha=0.5, beta=2.0)
+    x64, c64 = x.double(), c.double()
+    ref = 0.5 * (x64 @ x64.mT) + 2.0 * c64
+    assert torch.equal(out, out.mT)
+    assert bool(((out.double() - ref).abs() <= _bound(x64, 8, c64, 0.5, 2.0)).all())
+
+
+@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("rows,cols", [(64, 64), (200, 200), (384, 96)])
 def test_polynomial_term_matches_fp64(rows, cols):
     """b A + c A A with A from the kernel itself, as Newton-Schulz uses it."""

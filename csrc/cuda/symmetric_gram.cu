@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -171,17 +172,26 @@ void symmetric_gram_cuda(const GramLaunch& L) {
   if (L.batch == 0 || L.rows == 0) return;
   const int64_t tiles = (L.rows + kTile - 1) / kTile;
   const int64_t blocks = tiles * (tiles + 1) / 2;
-  if (blocks > INT32_MAX || L.batch > 65535) {
-    throw std::invalid_argument("fusedopt.symmetric_gram: " + std::to_string(L.batch) + " matrices of " +
-                                std::to_string(L.rows) + " rows exceed one launch (at most 65535 matrices)");
+  if (blocks > INT32_MAX) {
+    throw std::invalid_argument("fusedopt.symmetric_gram: matrices of " + std::to_string(L.rows) +
+                                " rows need more tiles than one launch holds");
   }
   const uintptr_t c = L.beta != 0.0f ? L.c : 0;  // as baddbmm: beta = 0 ignores C, inf and NaN included
-  GramArgs args{reinterpret_cast<const __nv_bfloat16*>(L.x), reinterpret_cast<const __nv_bfloat16*>(c),
-                reinterpret_cast<__nv_bfloat16*>(L.out), L.rows, L.cols, L.alpha, L.beta, int(tiles),
-                L.cols % 8 == 0 && L.x % 16 == 0};
   const auto stream = reinterpret_cast<cudaStream_t>(L.stream);
-  symmetric_gram_kernel<<<dim3(unsigned(blocks), unsigned(L.batch)), kThreads, 0, stream>>>(args);
-  FUSEDOPT_CUDA_CHECK(cudaGetLastError());
+  // gridDim.y holds at most 65535 matrices: larger batches go in slices (one launch each, no sync).
+  constexpr int64_t kMaxBatch = 65535;
+  const int64_t x_step = L.rows * L.cols * int64_t(sizeof(__nv_bfloat16));
+  const int64_t out_step = L.rows * L.rows * int64_t(sizeof(__nv_bfloat16));
+  for (int64_t first = 0; first < L.batch; first += kMaxBatch) {
+    const int64_t n = std::min(kMaxBatch, L.batch - first);
+    const uintptr_t x = L.x + first * x_step;
+    GramArgs args{reinterpret_cast<const __nv_bfloat16*>(x),
+                  reinterpret_cast<const __nv_bfloat16*>(c != 0 ? c + first * out_step : 0),
+                  reinterpret_cast<__nv_bfloat16*>(L.out + first * out_step), L.rows, L.cols, L.alpha, L.beta,
+                  int(tiles), L.cols % 8 == 0 && x % 16 == 0};
+    symmetric_gram_kernel<<<dim3(unsigned(blocks), unsigned(n)), kThreads, 0, stream>>>(args);
+    FUSEDOPT_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 }  // namespace fusedopt
