@@ -97,6 +97,26 @@ def test_graph_capture_equals_eager(cls):
         assert oa.state[a[0]]["step"].item() == ob.state[b[0]]["step"].item() == 6
 
 
+def test_capturing_the_first_step_says_to_warm_up(monkeypatch):
+    """The first 8-bit step on a device copies the maps there (quant.maps_on): refused under capture
+    with an error that says what to do, not CUDA's 'operation not permitted when stream is capturing'."""
+    import functools
+    from fusedopt import quant
+    monkeypatch.setattr(quant, "_maps_cached", functools.cache(quant._maps_cached.__wrapped__))  # as in a new process
+    p = torch.randn(5000, device="cuda", requires_grad=True)
+    p.grad = torch.randn_like(p)
+    opt = fusedopt.AdamW8bit([p], lr=torch.tensor(1e-2, device="cuda"), capturable=True)
+    before = p.detach().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with pytest.raises(RuntimeError, match="run one step before capturing"):
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(p.detach(), before)
+
+
 def test_non_default_stream_is_used_and_ordered():
     init = torch.randn(1 << 20, device="cuda")
     a, b = init.clone().requires_grad_(), init.clone().requires_grad_()

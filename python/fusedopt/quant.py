@@ -71,6 +71,12 @@ def quant_map(signed: bool) -> torch.Tensor:
 
 @functools.cache
 def _maps_cached(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The copy below and its sync would abort the capture with CUDA's "operation not permitted
+        # when stream is capturing"; say what to do instead (exceptions are not cached).
+        raise RuntimeError(f"fusedopt: the first 8-bit step on {device} copies the quantization maps there, "
+                           "which a CUDA graph capture cannot hold; run one step before capturing (the warm-up "
+                           "of torch's CUDA-graph recipe)")
     maps = quant_map(True).to(device), quant_map(False).to(device)
     if device.type == "cuda":
         # A copy from pageable memory may still be in flight when .to() returns; kernels on
