@@ -69,14 +69,6 @@ def run(args: argparse.Namespace) -> dict:
     print(f"measured bandwidth: {copy_gbs:.1f} GB/s", file=sys.stderr)
     total = sum(len(suite_cases(s, args.device, sizes[n], args.mix_scale)) * sum(len(g) for g in s.GROUPS)
                 for n, s in suites.items())
-    progress = Progress(total)
-    results = {}
-    try:
-        for n, suite in suites.items():
-            results[n] = run_suite(suite, args.device, sizes[n], args.mix_scale, timing_kw, progress)
-    finally:
-        progress.close()
-
     bandwidth = (
         f"measured bandwidth (better of dst.copy_(src) and in-place x.mul_(1.0), 2 x nbytes each): **{copy_gbs:.1f} GB/s** "
         f"at the start (median of {copy_t.reps}, {copy_t.median_ms:.2f} ms per pass; other load "
@@ -84,16 +76,25 @@ def run(args: argparse.Namespace) -> dict:
         f"every round of each group's interleaved timing ({ROUNDS} rounds, each stepping every implementation "
         "in turn): each row's % is against the bandwidth measured alongside it (last column)"
     )
-    for n, res in results.items():
-        table = render(res["rows"])
-        print(f"\n## {n}\n\n{table}")
-        body = (
-            f"{bandwidth}\n\nfusedopt speedup = peer median / fusedopt median within the same group (>1: fusedopt "
-            "faster). GB/s counts the model's bytes/param (bench/README.md), 1 GB = 1e9 B.\n\n" + table
-        )
-        payload = dict(copy_bandwidth_gbs=copy_gbs, copy_timing=copy_t, copy_other_load_cores=copy_load.cores, **res)
-        for path in write_results(args.out, f"{n}_{args.device}", stamp, payload, body):
-            print(f"wrote {path}", file=sys.stderr)
+    progress = Progress(total)
+    results = {}
+    try:
+        for n, suite in suites.items():
+            res = results[n] = run_suite(suite, args.device, sizes[n], args.mix_scale, timing_kw, progress)
+            # Written as each suite ends: a run stopped by a time limit (bench/gpu_check.sh) keeps the
+            # suites it finished.
+            table = render(res["rows"])
+            print(f"\n## {n}\n\n{table}")
+            body = (
+                f"{bandwidth}\n\nfusedopt speedup = peer median / fusedopt median within the same group (>1: fusedopt "
+                "faster). GB/s counts the model's bytes/param (bench/README.md), 1 GB = 1e9 B.\n\n" + table
+            )
+            payload = dict(copy_bandwidth_gbs=copy_gbs, copy_timing=copy_t, copy_other_load_cores=copy_load.cores, **res)
+            for path in write_results(args.out, f"{n}_{args.device}", stamp, payload, body):
+                print(f"wrote {path}", file=sys.stderr)
+    finally:
+        progress.close()
+
     where = stamp.get("gpu") or stamp["cpu_model"]
     title = f"{where}, {stamp['torch_threads']} threads, torch {stamp['torch']}, git {stamp['git_sha']}: {command}"
     png = plot_roofline({n: r["rows"] for n, r in results.items()}, title, args.out / f"bench_{args.device}.png")
