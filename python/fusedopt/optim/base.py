@@ -86,7 +86,10 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if len({id(p) for p in params}) != len(params):
+        # Written back: a generator (model.parameters() in a group dict) is spent by list().
+        param_group = {**param_group, "params": params}
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, param) pairs too
+        if len({id(p) for p in tensors}) != len(tensors):
             # torch only warns; a fused kernel would update the shared memory twice in one launch
             raise ValueError(f"{self._who}: a param group lists the same parameter twice; pass each parameter once")
         super().add_param_group(param_group)
