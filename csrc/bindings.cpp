@@ -229,7 +229,7 @@ PYBIND11_MODULE(_C, m) {
         "Size of the buffer build_quant_map fills (a math::QuantMap)");
   m.def("build_quant_map", &build_quant_map,
         "256 sorted fp32 values -> a math::QuantMap (map + search tables); coarse=False omits the table of the "
-        "AVX-512 VBMI byte-permute quantizer, so the CPU gathers whatever set_cpu_quantizer says (for tests)",
+        "AVX-512 VBMI byte-permute quantizer, so the AVX-512 tier gathers whatever set_cpu_quantizer says (for tests)",
         py::arg("values"), py::arg("out"), py::arg("coarse") = true);
   m.def("quant_map_has_coarse_table",
         [](uintptr_t map) { return reinterpret_cast<const math::QuantMap*>(map)->coarse.ok != 0; },

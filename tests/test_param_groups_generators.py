@@ -12,8 +12,9 @@ def test_generator_groups_are_trained_like_torch(cls):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     opt = cls([{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[1].parameters()}], lr=1e-3)
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
-    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.randn(3))])})
-    assert len(opt.param_groups[2]["params"]) == 1
+    group = {"params": (p for p in [torch.nn.Parameter(torch.randn(3))])}
+    opt.add_param_group(group)
+    assert opt.param_groups[2] is group and len(group["params"]) == 1  # torch keeps the caller's dict too
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(5, 4)).sum().backward()
     opt.step()

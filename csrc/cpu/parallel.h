@@ -108,8 +108,9 @@ inline bool has_avx512_vbmi() {
 
 // Which AVX-512 quantizer a map with the coarse table runs where the CPU has VBMI. The byte
 // permutes win where a gather is microcoded (AMD: 0.28-0.44 against 0.44-0.58 ns per element on
-// Zen 5 and Zen 4) and lose where it is not (a Sapphire Rapids Xeon: 0.62-0.87 against 0.45-0.65),
-// so kAuto asks the vendor; set_cpu_quantizer (ops.h) overrides it for tests and benchmarks.
+// Zen 5 and Zen 4) and lose where it is not (a Sapphire Rapids Xeon: the gather 1.3-1.6x faster in
+// each of five runs, 0.30-0.83 ns), so kAuto asks the vendor; set_cpu_quantizer (ops.h) overrides
+// it for tests and benchmarks.
 enum class QuantizerChoice : int { kAuto = 0, kBytePermutes = 1, kGather = 2 };
 
 inline std::atomic<int>& quantizer_choice() {

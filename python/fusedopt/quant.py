@@ -65,7 +65,7 @@ def quant_map(signed: bool) -> torch.Tensor:
     ``lib().set_cpu_quantizer`` lets it run: by default on AMD)."""
     values = dynamic_map(signed)
     out = torch.empty(lib().quant_map_bytes(), dtype=torch.uint8)
-    lib().build_quant_map(values.data_ptr(), out.data_ptr(), True)
+    lib().build_quant_map(values.data_ptr(), out.data_ptr())
     return out
 
 

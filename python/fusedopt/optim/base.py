@@ -86,8 +86,9 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        # Written back: a generator (model.parameters() in a group dict) is spent by list().
-        param_group = {**param_group, "params": params}
+        # Written back into the caller's dict, as torch does: a generator (model.parameters() in a
+        # group dict) is spent by list().
+        param_group["params"] = params
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, param) pairs too
         if len({id(p) for p in tensors}) != len(tensors):
             # torch only warns; a fused kernel would update the shared memory twice in one launch
