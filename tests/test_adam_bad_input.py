@@ -100,6 +100,32 @@ def test_bad_hyperparameter_set_later_is_caught_before_any_update():
     _assert_unchanged(opt, ps, snap)
 
 
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion, fusedopt.AdamW8bit])
+def test_lr_of_the_wrong_type_raises_type_error(cls):
+    p = torch.randn(3, requires_grad=True)
+    with pytest.raises(TypeError, match="lr in defaults is a str"):
+        cls([p], lr="0.1")
+    opt = cls([p])
+    with pytest.raises(TypeError, match="lr in param group 1 is a str"):
+        opt.add_param_group({"params": [torch.randn(2, requires_grad=True)], "lr": "0.1"})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion, fusedopt.AdamW8bit])
+def test_capturable_with_cpu_params_raises_at_step_as_torch(cls):
+    """torch.optim asserts that capturable params live on an accelerator; so do we, before any
+    state exists or any param moves."""
+    ps = [torch.randn(5000, requires_grad=True) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.randn(5000)
+    opt = cls([{"params": [ps[0]]}, {"params": [ps[1]], "capturable": True}])
+    snap = _snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match="param group 1 has capturable=True but its params are on the CPU"):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
+    assert len(opt.state) == 0
+
+
 def test_wrong_shaped_state_on_load():
     ps = [torch.randn(6, requires_grad=True), torch.randn(3, 2, requires_grad=True)]
     opt = fusedopt.AdamW(ps)

@@ -61,6 +61,35 @@ def test_cross_loading_continues_the_same_trajectory(direction, amsgrad):
         assert o1.state[p1]["step"].item() == o2.state[p2]["step"].item() == 20
 
 
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(fused=False), dict(foreach=False, fused=None)])
+def test_checkpoint_of_any_torch_implementation_loads(flags):
+    """foreach/fused name which of torch's implementations ran; a checkpoint of the for-loop or
+    foreach one loads, continues the same trajectory, and the flags come out as fusedopt's."""
+    m1 = _model()
+    o1 = torch.optim.AdamW(_groups(m1), lr=3e-3, **flags)
+    _train(m1, o1, 5, seed=0)
+    sd = _roundtrip(o1.state_dict())
+    m2 = _model()
+    m2.load_state_dict(m1.state_dict())
+    o2 = fusedopt.AdamW(_groups(m2))
+    o2.load_state_dict(sd)
+    assert all(g["foreach"] in (None, False) and g["fused"] is None for g in o2.param_groups)
+    _train(m1, o1, 10, seed=1)
+    _train(m2, o2, 10, seed=1)
+    assert max_abs(list(m1.parameters()), list(m2.parameters())) <= fp32_ulp_budget(15, 4.0)
+
+
+def test_differentiable_checkpoint_is_refused_with_nothing_loaded():
+    m = _model()
+    t = torch.optim.AdamW(_groups(m))
+    sd = t.state_dict()
+    sd["param_groups"][0]["differentiable"] = True
+    opt = fusedopt.AdamW(_groups(m), lr=1e-2)
+    with pytest.raises(ValueError, match="differentiable"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["differentiable"] is False
+
+
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run():
     m_full, m_half = _model(), _model()
     o_full = fusedopt.AdamW(_groups(m_full), lr=3e-3, amsgrad=True)

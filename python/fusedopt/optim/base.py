@@ -66,6 +66,10 @@ class FusedOptimizer(Optimizer):
         step(), where nothing may sync with the device."""
 
     def _check_lr(self, lr, where: str, at_step: bool) -> None:
+        if not isinstance(lr, (int, float, torch.Tensor)):
+            # torch fails on the comparison; a str lr would otherwise reach the kernel as 0.1 here
+            # and as a TypeError in any scheduler that multiplies it
+            raise TypeError(f"{self._who}: lr in {where} is a {type(lr).__name__}; pass a float or a 1-element tensor")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"{self._who}: lr tensor in {where} must have 1 element")
         # A device lr is read in the kernel: reading it here would sync every step and break graph
@@ -185,7 +189,14 @@ class FusedOptimizer(Optimizer):
         plans = []
         for i, group in enumerate(self.param_groups):
             self._validate_group(group, i, at_step=True)
-            plans.append(self._grads_of(group, i))
+            pairs = self._grads_of(group, i)
+            if pairs and group.get("capturable") and pairs[0][0].device.type == "cpu":
+                # torch.optim asserts the same: capturable promises device-resident step and lr
+                raise RuntimeError(
+                    f"{self._who}: param group {i} has capturable=True but its params are on the CPU; "
+                    "capturable applies to CUDA params only (leave it False on the CPU)"
+                )
+            plans.append(pairs)
         device = next((pairs[0][0].device for pairs in plans if pairs), torch.device("cpu"))
         with nvtx_range(f"fusedopt.{type(self).__name__}.step", device):
             for group, pairs in zip(self.param_groups, plans):
@@ -300,3 +311,9 @@ class FusedOptimizer(Optimizer):
             group["state_dtype"] = state_dtype_name(group["state_dtype"])
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
+        # A torch.optim checkpoint records which of torch's implementations ran (foreach=True,
+        # fused=False); fusedopt has one, so the choice does not carry over and loading must not fail.
+        if group.get("foreach"):
+            group["foreach"] = None
+        if group.get("fused") is False:
+            group["fused"] = None

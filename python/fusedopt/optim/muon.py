@@ -155,6 +155,7 @@ class Muon(FusedOptimizer):
         return state
 
     def _normalize_loaded_group(self, group: dict) -> None:
+        super()._normalize_loaded_group(group)
         group["ns_coefficients"] = tuple(group["ns_coefficients"])
 
     # --- step ------------------------------------------------------------------------------
