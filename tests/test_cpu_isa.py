@@ -12,6 +12,7 @@ OPTIMIZERS = {
     "AdamW master": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, master_weights=True),
     "AdamW bf16 states": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16),
     "AdamW8bit": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=0),
+    "AdamW8bit master": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=0, master_weights=True),
     "Lion": lambda ps: fusedopt.Lion(ps, lr=1e-3, weight_decay=0.1, state_dtype=torch.bfloat16),
     "Lion8bit": lambda ps: fusedopt.Lion8bit(ps, lr=1e-3, weight_decay=0.1, min_8bit_size=0),
 }
@@ -60,7 +61,7 @@ def _run(make, dtype):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_every_instruction_set_gives_the_same_bits(name, dtype, isa):
     tiers = _tiers()
     assert tiers[0] == "baseline"

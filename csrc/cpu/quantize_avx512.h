@@ -40,14 +40,29 @@ FUSEDOPT_AVX512_INLINE __mmask16 zero_forced_avx512(__m512 x) {
   return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), kZeroAtBottom ? _CMP_NGT_UQ : _CMP_EQ_OQ);
 }
 
+// What the gather quantizer reads of a map, in registers and locals: loaded once per block or
+// loop, since every uint8_t code store may alias the map as far as the compiler knows.
+struct GatherQuantizer {
+  __m512 lo, hi;   // the map's lowest and highest value
+  __m512i zero;    // its zero code
+  const int* bucket;  // QuantMap::bucket from its middle (kSearchBucketsPerSign)
+  bool zero_at_bottom;
+};
+
+FUSEDOPT_AVX512_INLINE GatherQuantizer gather_quantizer(const math::QuantMap& q) {
+  return {_mm512_set1_ps(q.values[0]), _mm512_set1_ps(q.values[math::kQuantMapSize - 1]),
+          _mm512_set1_epi32(q.zero_code), reinterpret_cast<const int*>(q.bucket + math::kSearchBucketsPerSign),
+          q.zero_code == 0};
+}
+
 // The codes (as int32 lanes) of 16 moments x in a block whose 1 / absmax is inv: math::quantize.
 // Fewer vector ops than a lane-by-lane copy of the scalar steps: saturating 16-bit subtraction
 // clamps the bucket at 0, and the sign's complement is taken before the shift that extracts it.
 // kZeroAtBottom: q.zero_code == 0, which picks math::zero_forced's comparison.
 template <bool kZeroAtBottom>
-FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512 x, __m512 inv) {
+FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const GatherQuantizer& q, __m512 x, __m512 inv) {
   using namespace math;
-  const __m512i bits = _mm512_castps_si512(clamped_y_avx512(q, x, inv));
+  const __m512i bits = _mm512_castps_si512(_mm512_min_ps(q.hi, _mm512_max_ps(_mm512_mul_ps(x, inv), q.lo)));
   const __m512i sign = _mm512_srai_epi32(bits, 31);
   // search_bucket - kSearchBucketsPerSign: magnitude_bucket u in the high half (as |y|'s top 16
   // bits minus the bias, floored at 0), complemented for negative y, shifted down with its sign.
@@ -55,15 +70,14 @@ FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const math::QuantMap& q, __m512
   u = _mm512_subs_epu16(u, _mm512_set1_epi32(int(kSearchExponentBias << (kSearchMantissaBits + 16))));
   const __m512i bucket = _mm512_srai_epi32(_mm512_xor_si512(u, sign), 16);
   // table_code: (bucket word + search_key) >> 16
-  const __m512i e =
-      _mm512_i32gather_epi32(bucket, reinterpret_cast<const int*>(q.bucket + kSearchBucketsPerSign), 4);
+  const __m512i e = _mm512_i32gather_epi32(bucket, q.bucket, 4);
   const __m512i key = _mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(int(kSearchLowMask)), 0x28);  // (a^b)&c
   const __m512i c = _mm512_srli_epi32(_mm512_add_epi32(e, key), kSearchLowBits);
-  return _mm512_mask_mov_epi32(c, zero_forced_avx512<kZeroAtBottom>(x), _mm512_set1_epi32(q.zero_code));
+  return _mm512_mask_mov_epi32(c, zero_forced_avx512<kZeroAtBottom>(x), q.zero);
 }
 
 template <bool kZeroAtBottom>
-FUSEDOPT_AVX512_INLINE int quantize_block_avx512_impl(const math::QuantMap& q, const float* x, int len, float inv,
+FUSEDOPT_AVX512_INLINE int quantize_block_avx512_impl(const GatherQuantizer& q, const float* x, int len, float inv,
                                                       uint8_t* codes) {
   const __m512 inv16 = _mm512_set1_ps(inv);
   // The packs work per 128-bit lane: lane L of the bytes holds 4 codes of each of c0..c3, in order.
@@ -83,8 +97,19 @@ FUSEDOPT_AVX512_INLINE int quantize_block_avx512_impl(const math::QuantMap& q, c
 // quantize16_avx512 over the first len - len % 64 elements; returns how many it did.
 FUSEDOPT_AVX512_CALL int quantize_block_avx512(const math::QuantMap& q, const float* x, int len, float inv,
                                                uint8_t* codes) {
-  return q.zero_code == 0 ? quantize_block_avx512_impl<true>(q, x, len, inv, codes)
-                          : quantize_block_avx512_impl<false>(q, x, len, inv, codes);
+  const GatherQuantizer g = gather_quantizer(q);
+  return g.zero_at_bottom ? quantize_block_avx512_impl<true>(g, x, len, inv, codes)
+                          : quantize_block_avx512_impl<false>(g, x, len, inv, codes);
+}
+
+// The codes of x[0, 16) stored to codes[0, 16): quantize_block_avx512's, 16 at a time, for
+// cpu/blockwise8bit.h's loop that interleaves them with the update.
+// (A predictable branch on the map's zero code: a loop keeps each moment's map.)
+FUSEDOPT_AVX512_INLINE void quantize16_store_avx512(const GatherQuantizer& q, const float* x, __m512 inv,
+                                                    uint8_t* codes) {
+  const __m512 v = _mm512_loadu_ps(x);
+  const __m512i c = q.zero_at_bottom ? quantize16_avx512<true>(q, v, inv) : quantize16_avx512<false>(q, v, inv);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(c));
 }
 
 #define FUSEDOPT_AVX512_VBMI_INLINE __attribute__((target(FUSEDOPT_TARGET_AVX512 ",avx512vbmi"), always_inline)) inline
