@@ -111,6 +111,27 @@ def test_lr_of_the_wrong_type_raises_type_error(cls):
     assert len(opt.param_groups) == 1
 
 
+def test_numpy_scalar_lr_is_taken_as_torch_takes_it():
+    np = pytest.importorskip("numpy")
+    for lr in (np.float32(1e-3), np.float64(1e-3), np.int64(0)):
+        p, q = (torch.ones(5, requires_grad=True) for _ in range(2))
+        p.grad, q.grad = torch.full((5,), 0.5), torch.full((5,), 0.5)
+        fusedopt.AdamW([p], lr=lr).step()
+        torch.optim.AdamW([q], lr=lr).step()
+        assert torch.allclose(p, q, rtol=0, atol=1e-7)
+
+
+def test_muon_with_adamw_refuses_cpu_capturable_before_either_child_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = fusedopt.MuonWithAdamW(model, adamw_options=dict(capturable=True))
+    model(torch.randn(4, 8)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="capturable=True but its params are on the CPU"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 @pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion, fusedopt.AdamW8bit])
 def test_capturable_with_cpu_params_raises_at_step_as_torch(cls):
     """torch.optim asserts that capturable params live on an accelerator; so do we, before any

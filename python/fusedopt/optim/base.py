@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from copy import deepcopy
 from typing import Any
@@ -66,7 +67,7 @@ class FusedOptimizer(Optimizer):
         step(), where nothing may sync with the device."""
 
     def _check_lr(self, lr, where: str, at_step: bool) -> None:
-        if not isinstance(lr, (int, float, torch.Tensor)):
+        if not isinstance(lr, (numbers.Real, torch.Tensor)):  # numpy scalars are Real, as torch takes them
             # torch fails on the comparison; a str lr would otherwise reach the kernel as 0.1 here
             # and as a TypeError in any scheduler that multiplies it
             raise TypeError(f"{self._who}: lr in {where} is a {type(lr).__name__}; pass a float or a 1-element tensor")
@@ -186,22 +187,24 @@ class FusedOptimizer(Optimizer):
         """step() without the closure and torch's hooks (the ZeRO wrapper steps its inner optimizer
         through this, so a user's global step hooks fire once per step, not twice)."""
         # Validate every group before the first state tensor is created or the first kernel runs.
-        plans = []
-        for i, group in enumerate(self.param_groups):
-            self._validate_group(group, i, at_step=True)
-            pairs = self._grads_of(group, i)
-            if pairs and group.get("capturable") and pairs[0][0].device.type == "cpu":
-                # torch.optim asserts the same: capturable promises device-resident step and lr
-                raise RuntimeError(
-                    f"{self._who}: param group {i} has capturable=True but its params are on the CPU; "
-                    "capturable applies to CUDA params only (leave it False on the CPU)"
-                )
-            plans.append(pairs)
+        plans = [self._check_step_group(group, i) for i, group in enumerate(self.param_groups)]
         device = next((pairs[0][0].device for pairs in plans if pairs), torch.device("cpu"))
         with nvtx_range(f"fusedopt.{type(self).__name__}.step", device):
             for group, pairs in zip(self.param_groups, plans):
                 if pairs:
                     self._step_group(group, pairs, grad_scale, found_inf)
+
+    def _check_step_group(self, group: dict, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Everything step() checks in one group before anything is mutated; returns _grads_of's pairs."""
+        self._validate_group(group, index, at_step=True)
+        if group.get("capturable") and any(p.device.type == "cpu" for p in group["params"]):
+            # torch.optim asserts the same: capturable promises device-resident step and lr. Judged
+            # from the params, not the grads, so every rank of a sharded step raises alike.
+            raise RuntimeError(
+                f"{self._who}: param group {index} has capturable=True but its params are on the CPU; "
+                "capturable applies to CUDA params only (leave it False on the CPU)"
+            )
+        return self._grads_of(group, index)
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
         raise NotImplementedError

@@ -338,8 +338,7 @@ class MuonWithAdamW(Optimizer):
                 loss = closure()
         for c in self._children():  # validate both kinds before either one steps
             for i, g in enumerate(c.param_groups):
-                c._validate_group(g, i, at_step=True)
-                c._grads_of(g, i)
+                c._check_step_group(g, i)
         if self.adamw is not None:  # what FusedOptimizer.step checks before a CUDA-graph capture
             self.adamw._graph_capture_check()
         for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer
