@@ -146,11 +146,13 @@ FUSEDOPT_CPU_KERNEL inline void blockwise8bit_loop(const TensorLists& l, const m
 // blockwise8bit_loop for the AVX-512 tier with the gather quantizer, blocks in a pipeline: each
 // kStep elements of block n's update are followed, in the same loop body, by the requantization
 // of the same kStep elements of block n - 1, so the out-of-order core runs the update's divides
-// and square roots (a unit of their own, ~22 cycles per 16 elements here) beside the quantizer's
-// gathers and integer work instead of after them. Block n + 1 is dequantized as block n starts
+// and square roots (a unit of their own, ~22 cycles per 16 elements on the Sapphire Rapids below,
+// in a throwaway microbenchmark) beside the quantizer's gathers and integer work instead of after
+// them. Block n + 1 is dequantized as block n starts
 // (interleaving that too, 64 codes per 64 elements updated, measured 2-7% slower).
 // The same ops on the same values: the codes are bitwise those of blockwise8bit_loop.
-// Measured (1M params, 1 thread, Sapphire Rapids, ns per param, the old loop in the same run):
+// Measured (1M params, 1 thread, Sapphire Rapids, ns per param, the old loop's build alternated
+// with it in one throwaway timing script):
 // AdamW8bit fp32 1.16-1.19 against 1.31-1.32, bf16 1.20-1.21 against 1.31-1.34; Lion8bit fp32
 // 0.77-0.78 against 0.79-0.82, bf16 0.78-0.80 against 0.87-0.88. A real call (not inlined): its
 // intrinsics need the AVX-512 target.

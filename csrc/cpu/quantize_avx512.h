@@ -27,11 +27,14 @@ namespace cpu {
 // Real calls, one per block, for the reason given in cpu/quantize_avx2.h.
 #define FUSEDOPT_AVX512_CALL __attribute__((target(FUSEDOPT_TARGET_AVX512))) inline
 
-// math::clamp_to_map(q.values, x * inv): maxps returns its second operand for NaN and minps its
-// second for equal zeros, as the selects do.
+// math::clamp_to_map(values, x * inv) for a map whose lowest and highest values are lo and hi:
+// maxps returns its second operand for NaN and minps its second for equal zeros, as the selects do.
+FUSEDOPT_AVX512_INLINE __m512 clamped_y_avx512(__m512 lo, __m512 hi, __m512 x, __m512 inv) {
+  return _mm512_min_ps(hi, _mm512_max_ps(_mm512_mul_ps(x, inv), lo));
+}
+
 FUSEDOPT_AVX512_INLINE __m512 clamped_y_avx512(const math::QuantMap& q, __m512 x, __m512 inv) {
-  const __m512 y = _mm512_max_ps(_mm512_mul_ps(x, inv), _mm512_set1_ps(q.values[0]));
-  return _mm512_min_ps(_mm512_set1_ps(q.values[math::kQuantMapSize - 1]), y);
+  return clamped_y_avx512(_mm512_set1_ps(q.values[0]), _mm512_set1_ps(q.values[math::kQuantMapSize - 1]), x, inv);
 }
 
 // math::zero_forced: !(x > 0) (unordered: NaN too) where the zero code is the lowest, else x == 0.
@@ -62,7 +65,7 @@ FUSEDOPT_AVX512_INLINE GatherQuantizer gather_quantizer(const math::QuantMap& q)
 template <bool kZeroAtBottom>
 FUSEDOPT_AVX512_INLINE __m512i quantize16_avx512(const GatherQuantizer& q, __m512 x, __m512 inv) {
   using namespace math;
-  const __m512i bits = _mm512_castps_si512(_mm512_min_ps(q.hi, _mm512_max_ps(_mm512_mul_ps(x, inv), q.lo)));
+  const __m512i bits = _mm512_castps_si512(clamped_y_avx512(q.lo, q.hi, x, inv));
   const __m512i sign = _mm512_srai_epi32(bits, 31);
   // search_bucket - kSearchBucketsPerSign: magnitude_bucket u in the high half (as |y|'s top 16
   // bits minus the bias, floored at 0), complemented for negative y, shifted down with its sign.
