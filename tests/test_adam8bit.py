@@ -394,8 +394,10 @@ def _one_step_state_dict():
         (lambda s: s.update(exp_avg_sq=torch.zeros(50, 100, dtype=torch.uint8)), "shape"),
         (lambda s: s.pop("exp_avg_sq_absmax"), "exp_avg_sq_absmax"),
         (lambda s: s.update(exp_avg_absmax=torch.full((20,), float("nan"))), "non-finite"),
+        # codes with no absmax at all: not moments of value 0..255
+        (lambda s: [s.pop(k) for k in ("exp_avg_absmax", "exp_avg_sq_absmax")], "exp_avg_absmax"),
     ],
-    ids=["absmax_size", "codes_dtype", "codes_shape", "missing_absmax", "nan_absmax"],
+    ids=["absmax_size", "codes_dtype", "codes_shape", "missing_absmax", "nan_absmax", "no_absmax"],
 )
 def test_corrupt_8bit_state_is_refused_before_any_change(corrupt, match):
     p, opt, sd = _one_step_state_dict()

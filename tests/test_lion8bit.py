@@ -206,7 +206,8 @@ def test_state_dtype_is_not_an_option():
     [(lambda s: s.update(exp_avg_absmax=torch.zeros(3)), "exp_avg_absmax"),
      (lambda s: s.update(exp_avg=s["exp_avg"].float()), "uint8"),
      (lambda s: s.update(exp_avg_absmax=torch.full_like(s["exp_avg_absmax"], float("nan"))), "non-finite"),
-     (lambda s: s.update(exp_avg=torch.zeros(5, dtype=torch.uint8)), "shape")],
+     (lambda s: s.update(exp_avg=torch.zeros(5, dtype=torch.uint8)), "shape"),
+     (lambda s: s.pop("exp_avg_absmax"), "exp_avg_absmax")],
 )
 def test_corrupt_8bit_state_is_refused_before_any_change(corrupt, match):
     p = torch.randn(64, 96, requires_grad=True)

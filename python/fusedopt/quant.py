@@ -158,7 +158,12 @@ LION_8BIT_MOMENTS = {"exp_avg": ("exp_avg_absmax", True)}
 
 
 def is_8bit_state(saved: dict, moments: dict) -> bool:
-    return any(absmax_key in saved for absmax_key, _ in moments.values())
+    # uint8 moments without their absmax count too: read as values they would load as 0..255
+    # (check_8bit_state then names the missing absmax).
+    return any(
+        absmax_key in saved or (isinstance(saved.get(key), torch.Tensor) and saved[key].dtype == torch.uint8)
+        for key, (absmax_key, _) in moments.items()
+    )
 
 
 def check_8bit_state(saved: dict, numel: int, where: str, moments: dict) -> None:
