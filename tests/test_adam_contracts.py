@@ -206,3 +206,59 @@ def test_duplicate_params_are_rejected():
     p = torch.randn(3, requires_grad=True)
     with pytest.raises(ValueError, match="same parameter twice"):
         fusedopt.AdamW([p, p])
+
+
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion])
+def test_state_dtype_as_a_torch_dtype_per_group(cls):
+    """state_dtype=torch.bfloat16 in a group (at construction, via add_param_group, or set on a
+    group mid-run) means what the string "bfloat16" means: bitwise the same steps and states."""
+    torch.manual_seed(0)
+    init = [torch.randn(300) for _ in range(3)]
+    grads = [[torch.randn(300) for _ in range(3)] for _ in range(3)]
+
+    def run(spec):
+        ps = [x.clone().requires_grad_() for x in init]
+        opt = cls([{"params": [ps[0]]}, {"params": [ps[1]], "state_dtype": spec}])
+        opt.add_param_group({"params": [ps[2]], "state_dtype": spec})
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+            opt.param_groups[0]["state_dtype"] = spec  # a mid-run edit applies to new state only
+        return ps, opt
+
+    ps_ref, o_ref = run("bfloat16")
+    ps, o = run(torch.bfloat16)
+    assert [o.state[p]["exp_avg"].dtype for p in ps] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps_ref))
+    assert all(torch.equal(o.state[a]["exp_avg"], o_ref.state[b]["exp_avg"]) for a, b in zip(ps, ps_ref))
+
+
+def test_8bit_optimizers_take_float32_state_dtype_per_group():
+    for cls in (fusedopt.AdamW8bit, fusedopt.Lion8bit):
+        p = torch.randn(5000, requires_grad=True)
+        opt = cls([{"params": [p], "state_dtype": torch.float32}])
+        p.grad = torch.randn(5000)
+        opt.step()
+        assert opt.state[p]["exp_avg"].dtype == torch.uint8
+        with pytest.raises(ValueError, match="state_dtype"):
+            opt.add_param_group({"params": [torch.randn(3, requires_grad=True)], "state_dtype": torch.bfloat16})
+
+
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion, fusedopt.AdamW8bit, fusedopt.Lion8bit])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_the_in_kernel_unscale(cls, how):
+    """A copied optimizer still takes GradScaler's scale into its kernel: .grad stays as
+    backward() left it (an instance flag did not survive torch's __getstate__)."""
+    import copy
+    import pickle
+
+    p = torch.randn(5000, requires_grad=True)
+    opt = cls([p])
+    opt = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    p = opt.param_groups[0]["params"][0]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale((p * torch.randn(5000)).sum()).backward()
+    grad = p.grad.clone()
+    scaler.step(opt)
+    assert torch.equal(p.grad, grad)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import fusedopt.optim as fused
-from fusedopt.optim.base import policy_numel
+from fusedopt.optim.base import policy_numel, state_dtype_name
 from fusedopt.quant import BLOCK
 
 KINDS = ("moments", "absmax", "master", "step", "other")
@@ -97,7 +97,7 @@ class StateLayout:
 
 
 def _fused_adam(g: dict) -> StateLayout:
-    return StateLayout(2 + g["amsgrad"], g["state_dtype"], step=True, master_weights=g["master_weights"])
+    return StateLayout(2 + g["amsgrad"], state_dtype_name(g["state_dtype"]), step=True, master_weights=g["master_weights"])
 
 
 def _fused_adam8bit(g: dict) -> StateLayout:
@@ -105,7 +105,7 @@ def _fused_adam8bit(g: dict) -> StateLayout:
 
 
 def _fused_lion(g: dict) -> StateLayout:
-    return StateLayout(1, g["state_dtype"], master_weights=g["master_weights"])
+    return StateLayout(1, state_dtype_name(g["state_dtype"]), master_weights=g["master_weights"])
 
 
 def _fused_lion8bit(g: dict) -> StateLayout:

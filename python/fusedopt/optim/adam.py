@@ -5,11 +5,11 @@ import torch
 
 from fusedopt._ops import adam_step_
 from fusedopt.optim.base import (
-    STATE_DTYPES,
     FusedOptimizer,
     as_float,
     reject_torch_only_flags,
     state_dtype_name,
+    state_dtype_of,
 )
 from fusedopt.quant import ADAM_8BIT_MOMENTS, dequantize_state
 
@@ -89,7 +89,7 @@ class Adam(FusedOptimizer):
 
     # --- state -----------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        sd = STATE_DTYPES[group["state_dtype"]]
+        sd = state_dtype_of(group["state_dtype"])
         state = {
             "step": self._new_step(p),
             "exp_avg": torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format),
@@ -109,7 +109,7 @@ class Adam(FusedOptimizer):
         missing = [k for k in needed if k not in saved]
         if missing:
             raise ValueError(f"{where}: state lacks {missing} (amsgrad={group['amsgrad']})")
-        sd = STATE_DTYPES[group["state_dtype"]]
+        sd = state_dtype_of(group["state_dtype"])
         state = {k: v for k, v in saved.items() if k not in self._elementwise_state_keys and k != "step"}
         state["step"] = self._new_step(p, float(torch.as_tensor(saved["step"]).item()))
         for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):

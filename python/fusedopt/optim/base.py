@@ -29,6 +29,12 @@ def state_dtype_name(d) -> str:
     return name
 
 
+def state_dtype_of(d) -> torch.dtype:
+    """The torch dtype of a state_dtype option, given as a name or a torch.dtype (a group edited
+    after construction may hold either)."""
+    return STATE_DTYPES[state_dtype_name(d)]
+
+
 def as_float(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -51,11 +57,10 @@ def reject_torch_only_flags(who: str, foreach, fused, differentiable) -> None:
 class FusedOptimizer(Optimizer):
     # Tensor state keys that hold one value per param element (checked against the param's shape on load).
     _elementwise_state_keys: tuple[str, ...] = ()
-
-    def __init__(self, params, defaults: dict[str, Any]) -> None:
-        super().__init__(params, defaults)
-        # GradScaler hands us grad_scale/found_inf; the kernel unscales in registers and skips on inf.
-        self._step_supports_amp_scaling = True
+    # GradScaler hands us grad_scale/found_inf; the kernel unscales in registers and skips on inf.
+    # A class attribute: torch's __getstate__ keeps only state, param_groups and defaults, so an
+    # instance flag was lost by deepcopy and pickle (GradScaler then rewrote .grad).
+    _step_supports_amp_scaling = True
 
     @property
     def _who(self) -> str:
@@ -100,7 +105,10 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{self._who}: a param group lists the same parameter twice; pass each parameter once")
         super().add_param_group(param_group)
         try:
-            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+            group = self.param_groups[-1]
+            if "state_dtype" in group:  # as the constructor stores it: torch.bfloat16 -> "bfloat16"
+                group["state_dtype"] = state_dtype_name(group["state_dtype"])
+            self._validate_group(group, len(self.param_groups) - 1)
         except Exception:
             self.param_groups.pop()
             raise

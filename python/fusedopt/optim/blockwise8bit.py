@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedopt.optim.base import policy_numel
+from fusedopt.optim.base import policy_numel, state_dtype_name
 from fusedopt.quant import load_8bit_moments, new_8bit_moments
 
 
@@ -23,7 +23,7 @@ class Blockwise8bit:
         size = g["min_8bit_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"{self._who}: min_8bit_size must be an int >= 0, got {size!r} in {where}")
-        if g["state_dtype"] != "float32":
+        if state_dtype_name(g["state_dtype"]) != "float32":
             raise ValueError(f"{self._who}: state_dtype is fixed (8-bit moments, fp32 for small params) in {where}")
 
     def _normalize_loaded_group(self, group: dict) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt._ops import lion8bit_step_, lion_step_
-from fusedopt.optim.base import STATE_DTYPES, FusedOptimizer, as_float, state_dtype_name
+from fusedopt.optim.base import FusedOptimizer, as_float, state_dtype_name, state_dtype_of
 from fusedopt.optim.blockwise8bit import Blockwise8bit
 from fusedopt.quant import LION_8BIT_MOMENTS, dequantize_state, maps_on
 
@@ -61,7 +61,7 @@ class Lion(FusedOptimizer):
         self._check_group(group, f"param group {index}", at_step)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        sd = STATE_DTYPES[group["state_dtype"]]
+        sd = state_dtype_of(group["state_dtype"])
         state = {"exp_avg": torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)}
         if self._wants_master(group, p):
             state["master_param"] = self._copy_like(p, p, torch.float32)
@@ -73,7 +73,7 @@ class Lion(FusedOptimizer):
             raise ValueError(f"{where}: state lacks 'exp_avg'")
         saved = dequantize_state(saved, p.numel(), where, LION_8BIT_MOMENTS)  # a Lion8bit checkpoint
         state = {k: v for k, v in saved.items() if k not in self._elementwise_state_keys}
-        state["exp_avg"] = self._copy_like(p, saved["exp_avg"], STATE_DTYPES[group["state_dtype"]])
+        state["exp_avg"] = self._copy_like(p, saved["exp_avg"], state_dtype_of(group["state_dtype"]))
         if self._wants_master(group, p):
             state["master_param"] = self._copy_like(p, saved.get("master_param", p), torch.float32)
         return state

@@ -55,6 +55,8 @@ class ZeroShardedOptimizer(Optimizer):
     written at one world size resumes at another.
     """
 
+    _step_supports_amp_scaling = True  # the inner optimizer unscales in its kernels (as FusedOptimizer)
+
     def __init__(self, params, optimizer_class: type = None, *, process_group=None, **defaults: Any) -> None:
         if optimizer_class is None or not (isinstance(optimizer_class, type) and issubclass(optimizer_class, ELEMENTWISE)):
             raise TypeError(
@@ -79,7 +81,6 @@ class ZeroShardedOptimizer(Optimizer):
         self._layouts: list[list[list[Piece]]] = []
         self._consolidated: dict | None = None
         super().__init__(params, probe.defaults)  # shards each group as it is added (add_param_group)
-        self._step_supports_amp_scaling = True
 
     @property
     def _who(self) -> str:
