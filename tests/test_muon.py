@@ -336,6 +336,8 @@ def test_loaded_state_is_not_aliased_and_shapes_are_checked():
         (dict(adjust_lr_fn="spectral"), "adjust_lr_fn"),
         (dict(ns_schedule="you"), "ns_schedule"),
         (dict(ns_schedule=[(1.0, 2.0)]), "triples"),
+        (dict(ns_coefficients=(1.0, 2.0)), "one \\(a, b, c\\) triple"),
+        (dict(ns_coefficients=(1.0, 2.0, 3.0, 4.0)), "one \\(a, b, c\\) triple"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, match):
@@ -447,3 +449,55 @@ def test_bf16_params_round_like_torch_muon():
         ob.step()
     assert torch.equal(oa.state[a]["momentum_buffer"], ob.state[b]["momentum_buffer"])
     assert (a.detach().float() != b.detach().float()).float().mean().item() < 0.01
+
+
+def test_same_shape_buffers_of_two_dtypes_step_apart():
+    """A buffer made before model.to(bf16) stays fp32 beside a newer bf16 one of the same shape:
+    one native launch per buffer dtype (one launch for both read the fp32 buffer's memory as bf16,
+    or wrote past the bf16 one), each stepped as torch.optim.Muon steps it."""
+    torch.manual_seed(0)
+    a, b = torch.zeros(16, 32, requires_grad=True), torch.zeros(16, 32, requires_grad=True)
+    opt = fusedopt.Muon([a, b], lr=0.02)
+    a.grad = torch.randn(16, 32)
+    opt.step()  # a's buffer: fp32; b has had no grad yet
+    a.data, b.data = a.data.bfloat16(), b.data.bfloat16()
+    # torch's lerp_ needs the buffer's dtype: a's twin is an fp32 param with the grad in fp32
+    ta, tb = a.detach().float(), b.detach().clone()
+    ref = torch.optim.Muon([ta, tb], lr=0.02)
+    ref.state[ta]["momentum_buffer"] = opt.state[a]["momentum_buffer"].clone()
+    ga, gb = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+    a.grad, b.grad, ta.grad, tb.grad = ga, gb, ga.float(), gb
+    before = [a.detach().double(), b.detach().double()]
+    opt.step()
+    ref.step()
+    assert opt.state[a]["momentum_buffer"].dtype == torch.float32
+    assert opt.state[b]["momentum_buffer"].dtype == torch.bfloat16
+    for p, t in ((a, ta), (b, tb)):
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[t]["momentum_buffer"])
+    for p, t, p0 in ((a, ta, before[0]), (b, tb, before[1])):
+        # one step's bf16 Newton-Schulz gap to torch (~1.7%, test_bf16_params_follow_torch_with_nesterov)
+        du, dt = p.double() - p0, t.double() - p0
+        assert ((du - dt).norm() / dt.norm()).item() < 4e-2
+
+
+def test_fp32_grads_of_bf16_params_keep_an_fp32_buffer():
+    """As torch.optim.Muon (zeros_like(p.grad)); the buffer stays fp32 through a checkpoint."""
+    torch.manual_seed(0)
+    p = torch.randn(16, 32, dtype=torch.bfloat16, requires_grad=True)
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None  # torch >= 2.10 refuses an fp32 .grad on a bf16 param unless told
+    opt = fusedopt.Muon([p], lr=0.02)
+    exact = torch.zeros(16, 32, dtype=torch.float64)
+    for _ in range(20):
+        g = torch.randn(16, 32) * 1e-3
+        p.grad = g
+        opt.step()
+        exact.lerp_(g.double(), 0.05)
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.dtype == torch.float32
+    # fp32 lerps: ~1e-7 relative; a bf16 buffer rounds each step to 2^-9
+    assert ((buf.double() - exact).norm() / exact.norm()).item() < 1e-5
+    again = fusedopt.Muon([p], lr=0.02)
+    again.load_state_dict(through_bytes(opt.state_dict()))
+    assert again.state[p]["momentum_buffer"].dtype == torch.float32
+    assert torch.equal(again.state[p]["momentum_buffer"], buf)

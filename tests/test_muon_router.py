@@ -174,3 +174,51 @@ def test_router_under_grad_scaler_matches_unscaled():
     opts[1].step()
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q)  # power-of-two scale: unscaling is exact up to reduction order
+
+
+def test_router_add_param_group_takes_a_generator():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW([{"params": [model.fc.weight], "use_muon": True}])
+    extra = nn.Linear(16, 16)
+    opt.add_param_group({"params": extra.parameters(), "use_muon": False})  # spent by the duplicate check before
+    opt.add_param_group({"params": (p for p in [model.conv.weight]), "use_muon": True})
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 2, 1]
+    before = extra.weight.detach().clone()
+    extra(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    assert not torch.equal(extra.weight, before)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_router_survives_copies(how):
+    import pickle
+
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model, weight_decay=0.01)
+    net_loss(model).backward()
+    opt.step()
+    both = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    model2, opt2 = both
+    assert opt2.muon.state is opt2.state and opt2.adamw.state is opt2.state
+    assert opt2.param_groups[0] is opt2.muon.param_groups[0]
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        net_loss(m, 3).backward()
+        o.step()
+    for (n, p), q in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), n
+    opt2.load_state_dict(opt.state_dict())
+
+
+def test_router_errors_name_its_own_group_index():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model)  # group 0: Muon, group 1: AdamW
+    kinds = [g["use_muon"] for g in opt.param_groups]
+    assert kinds == [True, False]
+    opt.param_groups[1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.step()
+    opt.param_groups[1]["betas"] = (0.9, 0.95)
+    opt.add_param_group({"params": [nn.Linear(4, 4).weight], "use_muon": True})
+    with pytest.raises(ValueError, match="param group 3"):  # the Muon child's group 2
+        opt.add_param_group({"params": [nn.Linear(4, 4).weight], "use_muon": True, "lr": -1.0})

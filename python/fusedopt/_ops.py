@@ -33,6 +33,15 @@ def _ptrs(tensors) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
+def _dtype_code(tensors, what: str, who: str) -> int:
+    """The dtype code of a list the native launch reads as one dtype; raises if they differ (the
+    optimizers bucket by dtype; this guards the memory the kernel would misread)."""
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        raise RuntimeError(f"{who}: {what} mix dtypes {sorted({str(t.dtype) for t in tensors})}; one launch takes one dtype")
+    return DTYPE_CODES[dtype]
+
+
 def _scalar_ptr(t: torch.Tensor | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
     """Pointer to a float32 scalar on `device` (GradScaler tensors, device lr); keeps the temp alive."""
     if t is None:
@@ -165,7 +174,8 @@ def muon_prepare_(grads, buffers, outs, *, momentum, nesterov, eps, safety, grad
     L.run(
         lib().muon_prepare,
         L.device_code, _ptrs(grads), _ptrs(buffers), _ptrs(outs), numels,
-        DTYPE_CODES[buffers[0].dtype], DTYPE_CODES[grads[0].dtype], float(momentum), bool(nesterov), float(eps),
+        _dtype_code(buffers, "momentum buffers", "muon_prepare_"), _dtype_code(grads, "grads", "muon_prepare_"),
+        float(momentum), bool(nesterov), float(eps),
         float(safety), 0 if partials is None else partials.data_ptr(), L.grad_scale_ptr, L.found_inf_ptr,
         L.stream, L.num_threads,
     )
@@ -177,7 +187,7 @@ def muon_apply_(params, outs, *, lr, weight_decay, lr_factor, found_inf=None) ->
     L = _Launch(params[0].device, lr, None, found_inf)
     L.run(
         lib().muon_apply,
-        L.device_code, _ptrs(params), _ptrs(outs), [p.numel() for p in params], DTYPE_CODES[params[0].dtype],
+        L.device_code, _ptrs(params), _ptrs(outs), [p.numel() for p in params], _dtype_code(params, "params", "muon_apply_"),
         L.lr, float(weight_decay), float(lr_factor), L.lr_ptr, L.found_inf_ptr, L.stream, L.num_threads,
     )
 

@@ -20,6 +20,8 @@ Numerics (each choice is a fix for a failure seen in other implementations):
 """
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Sequence
 
 import torch
@@ -50,12 +52,21 @@ def schedule_of(coefficients: Triple | Sequence[Triple], steps: int) -> list[Tri
     uses entry min(t, len - 1), i.e. the last triple repeats when steps > len (as Polar Express)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps < MAX_STEPS:
         raise ValueError(f"ns_steps must be an int in [1, {MAX_STEPS}), got {steps!r}")
-    coefficients = list(coefficients)
-    if len(coefficients) == 3 and all(isinstance(v, (int, float)) for v in coefficients):
+    shape_error = ValueError(f"Newton-Schulz coefficients must be one (a, b, c) triple or a list of them, got {coefficients!r}")
+    try:
+        coefficients = list(coefficients)
+    except TypeError:
+        raise shape_error from None
+    if coefficients and all(isinstance(v, numbers.Real) for v in coefficients):
+        if len(coefficients) != 3:
+            raise shape_error
         coefficients = [tuple(coefficients)]
     triples = []
     for t in coefficients:
-        t = tuple(float(v) for v in t)
+        try:
+            t = tuple(float(v) for v in t)
+        except TypeError:
+            raise shape_error from None
         if len(t) != 3:
             raise ValueError(f"Newton-Schulz coefficients must be (a, b, c) triples, got {t!r}")
         triples.append(t)

@@ -7,6 +7,7 @@ weight decay); the orthogonalization is batched bmm/baddbmm (fusedopt.newton_sch
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -33,7 +34,7 @@ def lr_factor(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
 class Muon(FusedOptimizer):
     r"""Muon with torch.optim.Muon's signature, state key and update (EMA momentum)::
 
-        M = lerp(M, g, 1 - momentum)                      # state['momentum_buffer'], param dtype
+        M = lerp(M, g, 1 - momentum)                      # state['momentum_buffer'], the grad's dtype
         U = lerp(g, M, momentum) if nesterov else M
         O = NS(U.view(rows, -1))                          # conv weights: out x (in*kh*kw)
         p = p * (1 - lr * weight_decay) - lr * lr_factor(adjust_lr_fn, rows, cols) * O
@@ -65,6 +66,9 @@ class Muon(FusedOptimizer):
     """
 
     _elementwise_state_keys = ("momentum_buffer",)
+    # GradScaler unscales .grad before step(): momentum must accumulate unscaled grads, and the
+    # in-kernel unscale of the other fusedopt optimizers has no Muon kernel to live in yet.
+    _step_supports_amp_scaling = False
 
     def __init__(
         self,
@@ -95,9 +99,6 @@ class Muon(FusedOptimizer):
         )
         self._check_hyper(defaults, "defaults")
         super().__init__(params, defaults)
-        # GradScaler unscales .grad before step(): momentum must accumulate unscaled grads, and
-        # the in-kernel unscale of the other fusedopt optimizers has no Muon kernel to live in yet.
-        self._step_supports_amp_scaling = False
 
     # --- hyperparameters -------------------------------------------------------------------
     def _check_hyper(self, g: dict, where: str, at_step: bool = False) -> None:
@@ -143,15 +144,24 @@ class Muon(FusedOptimizer):
                                      "is fusedopt's CUDA kernel: use ns_kernel='torch' for CPU params")
 
     # --- state -----------------------------------------------------------------------------
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    def _init_state(self, p: torch.Tensor, group: dict, grad_dtype: torch.dtype | None = None) -> dict:
+        # In the grad's dtype, as torch.optim.Muon (zeros_like(p.grad)): fp32 grads of a bf16
+        # param keep an fp32 momentum.
+        dtype = grad_dtype or p.dtype
+        return {"momentum_buffer": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
 
     def _load_param_state(self, p: torch.Tensor, saved: dict, group: dict, where: str) -> dict:
         self._check_loaded_shapes(p, saved, where)
-        if "momentum_buffer" not in saved:
+        buf = saved.get("momentum_buffer")
+        if buf is None:
             raise ValueError(f"{where}: state lacks 'momentum_buffer'")
+        if not buf.is_floating_point():
+            raise ValueError(f"{where}: state['momentum_buffer'] is {buf.dtype}, expected a floating-point tensor")
         state = {k: v for k, v in saved.items() if k != "momentum_buffer"}
-        state["momentum_buffer"] = self._copy_like(p, saved["momentum_buffer"], p.dtype)
+        # torch casts to the param's dtype; an fp32 buffer (fp32 grads of a bf16 param) stays fp32
+        # here, so a resumed run continues bitwise and no precision is dropped.
+        dtype = torch.float32 if buf.dtype == torch.float32 else p.dtype
+        state["momentum_buffer"] = self._copy_like(p, buf, dtype)
         return state
 
     def _normalize_loaded_group(self, group: dict) -> None:
@@ -166,15 +176,18 @@ class Muon(FusedOptimizer):
         for p, g in pairs:
             state = self.state[p]
             if len(state) == 0:
-                state.update(self._init_state(p, group))
+                state.update(self._init_state(p, group, g.dtype))
             buf = state["momentum_buffer"]
             if p.numel() == 0:
                 continue  # nothing to orthogonalize or update (torch.optim.Muon's step is a no-op too)
             if p.is_contiguous() and buf.is_contiguous() and g.is_contiguous():
-                fused[(p.device, p.dtype, g.dtype, p.shape[0], p.numel() // p.shape[0])].append((p, g, buf))
+                # One launch reads every buffer as one dtype: buffers made before a model.to(bf16)
+                # stay fp32 beside newer bf16 ones.
+                key = (p.device, p.dtype, g.dtype, buf.dtype, p.shape[0], p.numel() // p.shape[0])
+                fused[key].append((p, g, buf))
             else:  # e.g. a channels_last conv weight: its memory order is not the flattened matrix's
                 rest.append((p, g))
-        for (device, _, _, rows, cols), items in fused.items():
+        for (*_, rows, cols), items in fused.items():
             self._step_fused(group, items, rows, cols, sched, safety)
         if rest:
             self._step_torch(group, rest, sched, safety)
@@ -261,6 +274,14 @@ def route_params(params, is_muon: Callable[[str, torch.Tensor], bool] | None = N
     return out
 
 
+def _renumbered(e: Exception, inner: int, outer: int) -> Exception:
+    """A child's error about its group `inner`, as the same exception about our group `outer`
+    (the index a user of MuonWithAdamW.param_groups knows)."""
+    if inner == outer:
+        return e
+    return type(e)(re.sub(rf"\b(param group|of group) {inner}\b", rf"\g<1> {outer}", str(e)))
+
+
 class MuonWithAdamW(Optimizer):
     """One optimizer for a whole model: Muon for hidden matrices, fusedopt.AdamW for the rest.
 
@@ -274,6 +295,8 @@ class MuonWithAdamW(Optimizer):
     ``state_dict()`` is a flat torch-format dict over all groups; ``load_state_dict`` checks both
     kinds (shapes, group kinds) before changing either. ``muon_options``/``adamw_options`` pass
     any other constructor argument (e.g. ``ns_schedule``, ``master_weights``).
+    ``OneCycleLR``/``CyclicLR`` need ``cycle_momentum=False``: they cycle one option for every
+    group, ``momentum`` or ``betas``, and the groups here hold one or the other.
     """
 
     def __init__(
@@ -303,6 +326,12 @@ class MuonWithAdamW(Optimizer):
         self._order: list[tuple[bool, int]] = []  # (use_muon, index in that child) per group
         super().__init__(route_params(params, is_muon), {})
 
+    def __getstate__(self) -> dict:
+        # torch's keeps defaults, state and param_groups only; the children and the group order
+        # go too (deepcopy's memo and pickle keep their groups and state shared with ours).
+        return {**super().__getstate__(), "muon": self.muon, "adamw": self.adamw, "_order": self._order,
+                "_kinds": self._kinds}
+
     def _child(self, use_muon: bool):
         return self.muon if use_muon else self.adamw
 
@@ -313,16 +342,22 @@ class MuonWithAdamW(Optimizer):
         group = {**param_group, "use_muon": use_muon}
         ps = group["params"]
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        # Written back (as torch does): a generator (layer.parameters()) is spent by list().
+        group["params"] = param_group["params"] = ps
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in ps):
             raise ValueError("MuonWithAdamW: some parameters appear in more than one parameter group")
         child = self._child(use_muon)
-        if child is None:
-            cls, kw = self._kinds[use_muon]
-            child = cls([group], **kw)
-            setattr(self, "muon" if use_muon else "adamw", child)
-        else:
-            child.add_param_group(group)  # the child's own checks (1-D to Muon, bad lr, ...)
+        try:
+            if child is None:
+                cls, kw = self._kinds[use_muon]
+                child = cls([group], **kw)
+                setattr(self, "muon" if use_muon else "adamw", child)
+            else:
+                child.add_param_group(group)  # the child's own checks (1-D to Muon, bad lr, ...)
+        except (ValueError, TypeError, RuntimeError) as e:
+            inner = 0 if child is None else len(child.param_groups)
+            raise _renumbered(e, inner, len(self.param_groups)) from None
         child.state = self.state  # params are disjoint: one dict serves both kinds
         self._order.append((use_muon, len(child.param_groups) - 1))
         self.param_groups.append(child.param_groups[-1])
@@ -336,9 +371,12 @@ class MuonWithAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for c in self._children():  # validate both kinds before either one steps
-            for i, g in enumerate(c.param_groups):
-                c._check_step_group(g, i)
+        for k, (use_muon, j) in enumerate(self._order):  # both kinds, before either one steps
+            child = self._child(use_muon)
+            try:
+                child._check_step_group(child.param_groups[j], j)
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise _renumbered(e, j, k) from None
         if self.adamw is not None:  # what FusedOptimizer.step checks before a CUDA-graph capture
             self.adamw._graph_capture_check()
         for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer

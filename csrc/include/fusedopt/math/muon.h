@@ -1,6 +1,8 @@
 // Muon's elementwise parts (Jordan et al. 2024; torch.optim.Muon), the one definition used by the
 // CPU loops and the CUDA kernels around the Newton-Schulz GEMMs:
-//   prepare:  g = g * grad_mul (maximize/GradScaler), rounded to the buffer's dtype (torch: g.to(buf.dtype))
+//   prepare:  g = g * grad_mul (maximize/GradScaler), rounded to the buffer's dtype (a no-op
+//             where the buffer has the grad's dtype, as torch makes it; a loaded bf16 buffer
+//             with fp32 grads, which torch's step refuses, rounds g)
 //             buf = lerp(buf, g, 1 - momentum)                     (stored in the buffer's dtype)
 //             u = nesterov ? lerp(g, buf, momentum) : buf          (rounded to the buffer's dtype)
 //             X = bf16(u / max(||U||_F * safety, eps, tiny))       (the NS input; the norm: a
