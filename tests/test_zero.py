@@ -223,6 +223,53 @@ def _job_load(rank, world, out_dir):
                 lr=opt.param_groups[0]["lr"], refused=refused, duplicate=duplicate)
 
 
+def _job_bad(rank, world, out_dir):
+    """Bad input in the last param of group 0 (owned by the last rank only): a sparse grad at
+    step(), a checkpoint lacking its exp_avg_sq at load. Every rank raises the same error, nothing
+    moves, and training goes on; plus the state_dict hooks."""
+    m_ref, m = _model(), _model()
+    ref = fusedopt.AdamW(_groups(m_ref), lr=1e-2)
+    opt = fusedopt.ZeroShardedOptimizer(_groups(m), fusedopt.AdamW, lr=1e-2)
+    _train(m_ref, ref, 2, seed=4)
+    _train(m, opt, 2, seed=4)
+    owners = [r for r, pieces in enumerate(opt._layouts[0]) if any(pc.param == 2 for pc in pieces)]
+    before = [p.detach().clone() for p in m.parameters()]
+    m.zero_grad()
+    torch.nn.functional.mse_loss(m(torch.randn(4, 40)), torch.randn(4, 3)).backward()
+    m[4].weight.grad = m[4].weight.grad.to_sparse()
+    try:
+        opt.step()
+        step_error = None
+    except RuntimeError as e:
+        step_error = str(e)
+    unmoved = all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    hooks = []
+    opt.register_state_dict_pre_hook(lambda o: hooks.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: hooks.append("sd_post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: hooks.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: hooks.append("load_post"))
+    opt.consolidate_state_dict(to=0)
+    full = opt.state_dict() if rank == 0 else None
+    full = [full]
+    dist.broadcast_object_list(full, src=0)
+    bad = copy.deepcopy(full[0])
+    del bad["state"][2]["exp_avg_sq"]
+    inner_before = copy.deepcopy(opt.inner.state_dict())
+    try:
+        opt.load_state_dict(bad)
+        load_error = None
+    except ValueError as e:
+        load_error = str(e)
+    inner_after = opt.inner.state_dict()
+    state_kept = all(torch.equal(inner_after["state"][i][k], v) for i, st in inner_before["state"].items()
+                     for k, v in st.items())
+    opt.load_state_dict(full[0])
+    _train(m_ref, ref, 2, seed=5)
+    _train(m, opt, 2, seed=5)
+    return dict(owners=owners, step_error=step_error, unmoved=unmoved, load_error=load_error, state_kept=state_kept,
+                hooks=hooks, equal=all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters())))
+
+
 def _job_subgroups(rank, world, out_dir):
     """Two independent ZeRO groups of 2 ranks each inside a world of 4."""
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -261,7 +308,7 @@ def _run(world, jobs, out_dir):
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"zero{request.param}")
-    jobs = [f"case:{name}" for name in CASES] + ["scaler", "odd", "load"]
+    jobs = [f"case:{name}" for name in CASES] + ["scaler", "odd", "load", "bad"]
     return request.param, _run(request.param, jobs, out)
 
 
@@ -346,6 +393,21 @@ def test_unsharded_checkpoint_loads_and_a_wrong_one_is_refused_everywhere(runs):
         assert r["load"]["equal"] and r["load"]["lr"] == 1e-2
         assert r["load"]["refused"] is not None and "shape (7, 7)" in r["load"]["refused"]
         assert r["load"]["duplicate"] is not None and "twice" in r["load"]["duplicate"]
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank(runs):
+    world, results = runs
+    assert results[0]["bad"]["owners"] == [world - 1]  # the case this test is about
+    for r in results:
+        res = r["bad"]
+        assert res["step_error"] is not None and "param 2 of group 0 (shape (3, 70)" in res["step_error"]
+        assert "sparse" in res["step_error"] and res["unmoved"]
+        assert res["load_error"] is not None and "param 2 of group 0 (shape (3, 70))" in res["load_error"]
+        assert "exp_avg_sq" in res["load_error"] and res["state_kept"]
+        assert res["equal"]  # and training goes on, as the unsharded optimizer's
+    # torch.optim's state_dict hooks (consolidate + state_dict on rank 0; two loads on every rank)
+    assert results[0]["bad"]["hooks"] == ["sd_pre", "sd_post", "load_pre", "load_pre", "load_post"]
+    assert all(r["bad"]["hooks"] == ["load_pre", "load_pre", "load_post"] for r in results[1:])
 
 
 def test_process_subgroups(tmp_path):

@@ -275,17 +275,27 @@ class FusedOptimizer(Optimizer):
             out = pre_hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        groups = self.param_groups
+        saved_groups, new_groups = self._loaded_groups(state_dict, self.param_groups)
+        state: defaultdict = defaultdict(dict)
+        for key, loaded in self._loaded_states(state_dict, saved_groups, new_groups):
+            state[key] = loaded
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_groups(self, state_dict: dict, groups: list[dict], who: str | None = None) -> tuple[list, list]:
+        """(the checkpoint's groups, the groups to install over `groups`' params), checked."""
+        who = who or self._who
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
             raise ValueError(
-                f"{self._who}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, "
+                f"{who}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, "
                 f"this optimizer has {len(groups)}"
             )
         for i, (g, sg) in enumerate(zip(groups, saved_groups)):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
-                    f"{self._who}.load_state_dict: group {i} has {len(g['params'])} params here but "
+                    f"{who}.load_state_dict: group {i} has {len(g['params'])} params here but "
                     f"{len(sg['params'])} in the checkpoint"
                 )
         new_groups = []
@@ -299,22 +309,23 @@ class FusedOptimizer(Optimizer):
             self._normalize_loaded_group(ng)
             self._validate_group(ng, i)
             new_groups.append(ng)
+        return saved_groups, new_groups
 
+    def _loaded_states(self, state_dict: dict, saved_groups: list, new_groups: list, who: str | None = None):
+        """(param or unknown id, its state converted by _load_param_state), one at a time: each
+        raises naming the param before anything is installed."""
+        who = who or self._who
         id_map: dict[Any, tuple[torch.Tensor, dict, int, int]] = {}
         for i, (sg, ng) in enumerate(zip(saved_groups, new_groups)):
             for j, (pid, p) in enumerate(zip(sg["params"], ng["params"])):
                 id_map[pid] = (p, ng, i, j)
-        state: defaultdict = defaultdict(dict)
         for pid, saved in state_dict["state"].items():
             if pid not in id_map:
-                state[pid] = saved
+                yield pid, saved
                 continue
             p, ng, i, j = id_map[pid]
-            where = f"{self._who}.load_state_dict: param {j} of group {i} (shape {tuple(p.shape)})"
-            state[p] = self._load_param_state(p, saved, ng, where) if saved else {}
-        self.__setstate__({"state": state, "param_groups": new_groups})
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+            where = f"{who}.load_state_dict: param {j} of group {i} (shape {tuple(p.shape)})"
+            yield p, (self._load_param_state(p, saved, ng, where) if saved else {})
 
     def _normalize_loaded_group(self, group: dict) -> None:
         """Coerce option formats of a loaded group in place; subclasses extend."""

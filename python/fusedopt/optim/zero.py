@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from fusedopt.optim.adam import Adam
 from fusedopt.optim.base import FusedOptimizer
 from fusedopt.optim.lion import Lion
-from fusedopt.quant import ADAM_8BIT_MOMENTS, BLOCK, LION_8BIT_MOMENTS, dequantize_state, memory_order_flat, num_blocks
+from fusedopt.quant import ADAM_8BIT_MOMENTS, LION_8BIT_MOMENTS, dequantize_state, memory_order_flat
 from fusedopt.sharding import Piece, join_state, piece_of, shard_layout, slice_state
 
 # Elementwise update rules (an element's update reads only that element): any flat range of a
@@ -146,6 +146,11 @@ class ZeroShardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         inner = self._inner
+        # Every rank checks the outer groups, every whole param and grad (not only its pieces),
+        # before anything steps: bad input raises on all ranks alike and names the param as the
+        # unsharded optimizer does, instead of one rank raising while the others wait in all_gather.
+        for i, outer in enumerate(self.param_groups):
+            inner._check_step_group(outer, i)
         try:
             for outer, inner_group, mine in zip(self.param_groups, inner.param_groups, self._pieces):
                 for k, v in outer.items():  # schedulers and users change the outer groups
@@ -246,12 +251,23 @@ class ZeroShardedOptimizer(Optimizer):
                 f"{self._who}.state_dict: call consolidate_state_dict(to=rank) on every rank first, then "
                 "state_dict() on that rank (or local_state_dict() on each rank, without communication)"
             )
-        return self._consolidated
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = dict(self._consolidated)  # a hook may edit what it is given, not our copy
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a full state dict (from state_dict(), merge_local_state_dicts(), or an unsharded
         optimizer_class / torch.optim optimizer over the same params) at any world size: every rank
         keeps its pieces' slices. Validation happens in the inner optimizer before any change."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
         if "zero" in state_dict:
             raise ValueError(f"{self._who}.load_state_dict: this is one rank's local_state_dict(); join every "
                              "rank's with fusedopt.merge_local_state_dicts([...]) and load the result")
@@ -264,14 +280,13 @@ class ZeroShardedOptimizer(Optimizer):
                              f"{[len(g['params']) for g in self.param_groups]}")
         elementwise = self._inner._elementwise_state_keys
         moments = LION_8BIT_MOMENTS if issubclass(self.optimizer_class, Lion) else ADAM_8BIT_MOMENTS
-        # Every rank checks every param's saved state against the whole param, so a bad checkpoint
-        # raises on all ranks alike (none is left waiting in a collective) and before any change.
-        for g, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
-            for j, p in enumerate(group["params"]):
-                saved = state_dict["state"].get(saved_group["params"][j])
-                if saved:
-                    _check_whole_param_state(saved, p, elementwise, f"{self._who}.load_state_dict: param {j} of group {g} "
-                                                                    f"(shape {tuple(p.shape)})")
+        # Every rank converts every whole param's saved state as the unsharded optimizer would (one
+        # param at a time, each dropped at once): a bad checkpoint raises on all ranks alike, naming
+        # the param, before any change (a piece alone cannot tell, and a rank that loaded would
+        # leave the others waiting in the next step's collective).
+        checked_groups, new_groups = self._inner._loaded_groups(state_dict, self.param_groups, self._who)
+        for _ in self._inner._loaded_states(state_dict, checked_groups, new_groups, self._who):
+            pass
         inner_state, inner_groups, k = {}, [], 0
         for g, (saved_group, group, mine) in enumerate(zip(saved_groups, self.param_groups, self._pieces)):
             ids = []
@@ -297,21 +312,8 @@ class ZeroShardedOptimizer(Optimizer):
             for key, v in inner_group.items():
                 if key != "params":
                     group[key] = v
-
-
-def _check_whole_param_state(saved: dict, p: torch.Tensor, elementwise: tuple[str, ...], where: str) -> None:
-    """Shapes of one param's saved state against the param itself (a piece alone cannot tell a
-    checkpoint of another model from this one)."""
-    for key, value in saved.items():
-        if not isinstance(value, torch.Tensor) or key == "step":
-            continue
-        if key.endswith("_absmax"):
-            if value.dim() != 1 or value.numel() != num_blocks(p.numel()):
-                raise ValueError(f"{where}: state['{key}'] has {value.numel()} values, expected {num_blocks(p.numel())} "
-                                 f"(one per {BLOCK}-element block)")
-        elif (key in elementwise or value.dim() > 0) and value.shape != p.shape:
-            raise ValueError(f"{where}: state['{key}'] has shape {tuple(value.shape)} but the param has shape "
-                             f"{tuple(p.shape)}; the checkpoint does not belong to these parameters")
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def merge_local_state_dicts(local: list[dict]) -> dict:
