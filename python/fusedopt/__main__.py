@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n" + "\n".join(f"  {name:<10}{help}" for name, (_, help) in COMMANDS.items()),
     )
-    top.add_argument("command", choices=COMMANDS)
+    top.add_argument("command", choices=COMMANDS, nargs="?")
     top.add_argument("args", nargs=argparse.REMAINDER, help="the command's options (see <command> -h)")
     ns = top.parse_args(argv)
+    if ns.command is None:  # argparse would list the optional remainder as required too
+        top.error(f"choose a command: {', '.join(COMMANDS)}")
 
     module_name, help = COMMANDS[ns.command]
     module = importlib.import_module(module_name)

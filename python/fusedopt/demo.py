@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedopt
+from fusedopt.cli_types import positive_int
 
 ADAMW = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
@@ -49,16 +50,16 @@ OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=300, help="training steps per optimizer")
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps per optimizer")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizers", default="torch,fusedopt",
                    help=f"comma-separated, from: {', '.join(OPTIMIZERS)}")
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=64, help="characters per training sequence")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--layers", type=positive_int, default=3)
+    p.add_argument("--d-model", type=positive_int, default=128)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--context", type=positive_int, default=64, help="characters per training sequence")
+    p.add_argument("--batch-size", type=positive_int, default=32)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -217,8 +218,11 @@ def print_table(results: list[Result]) -> None:
 def run(args: argparse.Namespace) -> list[Result]:
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown:
-        raise SystemExit(f"unknown optimizer(s) {unknown}; choose from {list(OPTIMIZERS)}")
+    if unknown or not names:
+        what = f"unknown optimizer(s) {unknown}" if unknown else "--optimizers names none"
+        raise SystemExit(f"{what}; choose from {list(OPTIMIZERS)}")
+    if args.d_model % args.heads:
+        raise SystemExit(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
     if args.device == "cuda" and not fusedopt.backends()["cuda_usable"]:
         raise SystemExit(f"--device cuda is not usable here: {fusedopt.backends()}")
     device = torch.device(args.device)
@@ -226,6 +230,9 @@ def run(args: argparse.Namespace) -> list[Result]:
     data, vocab = encode(load_corpus())
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
+    if args.context >= len(val_data) - 1:
+        raise SystemExit(f"--context {args.context} is too long for the corpus ({len(val_data)} validation "
+                         "characters); use a shorter context")
     torch.manual_seed(args.seed)
     init = CharTransformer(vocab, args.context, args.d_model, args.layers, args.heads).to(device)
     batches = torch.randint(0, len(train_data) - args.context - 1, (args.steps, args.batch_size),

@@ -411,7 +411,7 @@ def plan_memory(params: float, optimizer: str = "adamw", precision: str = "bf16-
 
     ``plan_memory(7.5e9, "adamw", "bf16-mixed", world_size=64, stage=s).total_gb()`` gives the
     ZeRO paper's 120 / 31.4 / 16.6 / 1.9 GB for s = 0 / 1 / 2 / 3. The stages describe ZeRO as
-    DeepSpeed and FSDP implement it; fusedopt itself does not shard yet.
+    DeepSpeed and FSDP implement it; fusedopt.ZeroShardedOptimizer is stage 1.
     """
     if optimizer not in PLAN_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {list(PLAN_OPTIMIZERS)}")
@@ -419,8 +419,8 @@ def plan_memory(params: float, optimizer: str = "adamw", precision: str = "bf16-
         raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
     if stage not in SHARDED:
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
-    if not world_size >= 1 or not params > 0:
-        raise ValueError(f"need params > 0 and world_size >= 1, got {params!r} and {world_size!r}")
+    if not world_size >= 1 or not (math.isfinite(params) and round(params) >= 1):
+        raise ValueError(f"need params >= 1 (a finite count) and world_size >= 1, got {params!r} and {world_size!r}")
     n = int(round(params))
     dtype, master = PRECISIONS[precision]
     state = replace(PLAN_OPTIMIZERS[optimizer], master_weights=master).bytes(n, dtype)

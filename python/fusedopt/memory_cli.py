@@ -15,7 +15,7 @@ NOTES = """\
 Not included: activations, temporary buffers, per-tensor step counters, allocator fragmentation.
 8-bit rows assume every tensor has >= 4096 elements (smaller ones keep 8 B/param of fp32 state).
 muon: momentum of the matrix params only; embeddings, head, norms and biases run AdamW (plan them as adamw).
-Stages are ZeRO as DeepSpeed/FSDP shard; fusedopt itself does not shard yet."""
+Stages are ZeRO as DeepSpeed/FSDP shard; fusedopt.ZeroShardedOptimizer is stage 1."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

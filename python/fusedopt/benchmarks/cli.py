@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import fusedopt
+from fusedopt.cli_types import positive_int
 from fusedopt.benchmarks.common import OtherLoad, copy_bandwidth_gbs, env_stamp, write_results
 from fusedopt.benchmarks.harness import QUICK_SIZES, ROUNDS, parse_size, render, run_suite, suite_cases
 from fusedopt.benchmarks.plot import plot_roofline
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, from: {', '.join(SUITES)}")
     p.add_argument("--sizes", nargs="+", type=parse_size, help="single-tensor sizes in M=2**20 params")
     p.add_argument("--quick", action="store_true", help="sizes 1M 4M and shorter timing runs")
-    p.add_argument("--mix-scale", type=int, default=768, metavar="HIDDEN",
+    p.add_argument("--mix-scale", type=positive_int, default=768, metavar="HIDDEN",
                    help="hidden size of the GPT-2-like tensor mix (768 = full GPT-2 small)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where results are written")
 

@@ -11,6 +11,8 @@ GPT-2 mix) and `flops(shapes)` (then rows report TFLOP/s).
 """
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import gc
 import importlib
@@ -205,7 +207,14 @@ def render(rows: list[dict]) -> str:
 
 
 def parse_size(s: str) -> int:
-    return int(s.upper().removesuffix("M"))
+    """A --sizes value: a whole number of M = 2**20 params ("64" or "64M")."""
+    try:
+        n = int(s.upper().removesuffix("M"))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"sizes are whole numbers of M = 2**20 params (1, 64, 256M), got {s!r}")
+    return n
 
 
 def cases(sizes: list[int], mix_scale: int) -> list[tuple[str, list[tuple]]]:
