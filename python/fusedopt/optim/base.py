@@ -191,11 +191,14 @@ class FusedOptimizer(Optimizer):
         self._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         return loss
 
-    def _fused_step(self, grad_scale, found_inf) -> None:
-        """step() without the closure and torch's hooks (the ZeRO wrapper steps its inner optimizer
-        through this, so a user's global step hooks fire once per step, not twice)."""
+    def _fused_step(self, grad_scale, found_inf, plans: list | None = None) -> None:
+        """step() without the closure and torch's hooks (the ZeRO wrapper and MuonWithAdamW step
+        their inner optimizers through this, so a user's global step hooks fire once per step).
+        plans: per group, the (param, grad) pairs of _check_step_group, from a caller that has
+        already checked everything it checks (else it runs here)."""
         # Validate every group before the first state tensor is created or the first kernel runs.
-        plans = [self._check_step_group(group, i) for i, group in enumerate(self.param_groups)]
+        if plans is None:
+            plans = [self._check_step_group(group, i) for i, group in enumerate(self.param_groups)]
         device = next((pairs[0][0].device for pairs in plans if pairs), torch.device("cpu"))
         with nvtx_range(f"fusedopt.{type(self).__name__}.step", device):
             for group, pairs in zip(self.param_groups, plans):

@@ -371,16 +371,17 @@ class MuonWithAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = {id(c): [None] * len(c.param_groups) for c in self._children()}
         for k, (use_muon, j) in enumerate(self._order):  # both kinds, before either one steps
             child = self._child(use_muon)
             try:
-                child._check_step_group(child.param_groups[j], j)
+                plans[id(child)][j] = child._check_step_group(child.param_groups[j], j)
             except (ValueError, TypeError, RuntimeError) as e:
                 raise _renumbered(e, j, k) from None
         if self.adamw is not None:  # what FusedOptimizer.step checks before a CUDA-graph capture
             self.adamw._graph_capture_check()
         for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer
-            c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+            c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None), plans[id(c)])
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -149,20 +149,21 @@ class ZeroShardedOptimizer(Optimizer):
         # Every rank checks the outer groups, every whole param and grad (not only its pieces),
         # before anything steps: bad input raises on all ranks alike and names the param as the
         # unsharded optimizer does, instead of one rank raising while the others wait in all_gather.
-        for i, outer in enumerate(self.param_groups):
-            inner._check_step_group(outer, i)
+        checked = [dict(inner._check_step_group(outer, i)) for i, outer in enumerate(self.param_groups)]
+        plans = []  # the pieces' (param, grad) pairs: already checked as parts of the whole
         try:
-            for outer, inner_group, mine in zip(self.param_groups, inner.param_groups, self._pieces):
+            for outer, inner_group, mine, grads in zip(self.param_groups, inner.param_groups, self._pieces, checked):
                 for k, v in outer.items():  # schedulers and users change the outer groups
                     if k != "params":
                         inner_group[k] = v
+                pairs = []
                 for piece, t in mine:
-                    p = outer["params"][piece.param]
-                    g = p.grad
-                    if g is not None and not _same_strides(g, p):
-                        g = torch.empty_like(p, dtype=g.dtype).copy_(g)  # lay it out like p; .grad untouched
+                    g = grads.get(outer["params"][piece.param])  # laid out like its param; .grad untouched
                     t.grad = None if g is None else piece_of(g, piece)
-            inner._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+                    if g is not None:
+                        pairs.append((t, t.grad))
+                plans.append(pairs)
+            inner._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None), plans)
         finally:
             for mine in self._pieces:
                 for _, t in mine:
