@@ -262,3 +262,23 @@ def test_copies_keep_the_in_kernel_unscale(cls, how):
     grad = p.grad.clone()
     scaler.step(opt)
     assert torch.equal(p.grad, grad)
+
+
+def test_tensor_betas_are_kept_and_read_each_step():
+    """torch keeps tensor betas as given (a schedule may edit them in place); so does fusedopt."""
+    torch.manual_seed(0)
+    w0 = torch.randn(300)
+    out = []
+    for lib in (torch.optim, fusedopt):
+        b1, b2 = torch.tensor(0.9), torch.tensor(0.99)
+        w = w0.clone().requires_grad_()
+        opt = lib.AdamW([w], lr=1e-2, betas=(b1, b2))
+        assert opt.param_groups[0]["betas"][0] is b1
+        for t in range(5):
+            w.grad = torch.full_like(w, float(t + 1))
+            opt.step()
+            b1.fill_(0.5)  # from step 2 on
+        out.append(w.detach().clone())
+    assert max_abs([out[0]], [out[1]]) <= 1e-6
+    with pytest.raises(ValueError, match="beta"):
+        fusedopt.AdamW([w0.clone().requires_grad_()], betas=(torch.tensor(0.9), torch.tensor(1.0)))

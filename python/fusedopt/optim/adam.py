@@ -57,7 +57,7 @@ class Adam(FusedOptimizer):
             raise ValueError("Tensor lr must be 1-element")
         defaults = dict(
             lr=lr,
-            betas=(as_float(betas[0]), as_float(betas[1])),
+            betas=tuple(betas),  # as given: torch keeps tensor betas, which a schedule may edit in place
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
@@ -79,7 +79,7 @@ class Adam(FusedOptimizer):
         self._check_lr(g["lr"], where, at_step)
         if not g["eps"] >= 0.0:
             raise ValueError(f"{self._who}: invalid epsilon {g['eps']} in {where}: eps must be >= 0")
-        self._check_betas(g["betas"], where)
+        self._check_betas(g["betas"], where, at_step)
         self._check_weight_decay(g["weight_decay"], where)
         reject_torch_only_flags(self._who, g.get("foreach"), g.get("fused"), g.get("differentiable"))
         state_dtype_name(g["state_dtype"])
@@ -121,7 +121,7 @@ class Adam(FusedOptimizer):
 
     # --- step ------------------------------------------------------------------------------
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (as_float(b) for b in group["betas"])  # read each step: tensor betas may change
         amsgrad = group["amsgrad"]
         for (*_, master), items in self._buckets(group, pairs).items():
             states = [s for _, _, s in items]

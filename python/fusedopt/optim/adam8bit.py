@@ -5,6 +5,7 @@ import torch
 
 from fusedopt._ops import adam8bit_step_
 from fusedopt.optim.adam import Adam
+from fusedopt.optim.base import as_float
 from fusedopt.optim.blockwise8bit import Blockwise8bit
 from fusedopt.quant import ADAM_8BIT_MOMENTS, maps_on
 
@@ -80,7 +81,7 @@ class Adam8bit(Blockwise8bit, Adam):
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
         eight_bit, full_precision = self._split_8bit(group, pairs)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (as_float(b) for b in group["betas"])  # read each step: tensor betas may change
         for device, master, items in eight_bit:
             states = [s for _, _, s in items]
             signed_map, unsigned_map = maps_on(device)

@@ -84,8 +84,12 @@ class FusedOptimizer(Optimizer):
         if not (at_step and device_lr) and not as_float(lr) >= 0.0:
             raise ValueError(f"{self._who}: invalid learning rate {as_float(lr)} in {where}: lr must be >= 0")
 
-    def _check_betas(self, betas, where: str) -> None:
+    def _check_betas(self, betas, where: str, at_step: bool = False) -> None:
+        if len(betas) != 2:
+            raise ValueError(f"{self._who}: betas in {where} must be a pair (beta1, beta2), got {betas!r}")
         for k, b in enumerate(betas):
+            if at_step and isinstance(b, torch.Tensor) and b.device.type != "cpu":
+                continue  # as a device lr: checked when the group was made, not synced each step
             if not 0.0 <= as_float(b) < 1.0:
                 raise ValueError(f"{self._who}: invalid beta parameter at index {k} ({as_float(b)}) in {where}: need 0 <= beta < 1")
 

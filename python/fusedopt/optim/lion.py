@@ -40,7 +40,7 @@ class Lion(FusedOptimizer):
     ) -> None:
         defaults = dict(
             lr=lr,
-            betas=(as_float(betas[0]), as_float(betas[1])),
+            betas=tuple(betas),  # as given: torch keeps tensor betas, which a schedule may edit in place
             weight_decay=weight_decay,
             maximize=maximize,
             capturable=capturable,
@@ -53,7 +53,7 @@ class Lion(FusedOptimizer):
 
     def _check_group(self, g: dict, where: str, at_step: bool = False) -> None:
         self._check_lr(g["lr"], where, at_step)
-        self._check_betas(g["betas"], where)
+        self._check_betas(g["betas"], where, at_step)
         self._check_weight_decay(g["weight_decay"], where)
         state_dtype_name(g["state_dtype"])
 
@@ -79,7 +79,7 @@ class Lion(FusedOptimizer):
         return state
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (as_float(b) for b in group["betas"])  # read each step: tensor betas may change
         for (*_, master), items in self._buckets(group, pairs).items():
             lion_step_(
                 [p for p, _, _ in items],
@@ -145,7 +145,7 @@ class Lion8bit(Blockwise8bit, Lion):
 
     def _step_group(self, group: dict, pairs, grad_scale, found_inf) -> None:
         eight_bit, full_precision = self._split_8bit(group, pairs)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (as_float(b) for b in group["betas"])  # read each step: tensor betas may change
         for device, master, items in eight_bit:
             states = [s for _, _, s in items]
             lion8bit_step_(
