@@ -222,3 +222,28 @@ def test_router_errors_name_its_own_group_index():
     opt.add_param_group({"params": [nn.Linear(4, 4).weight], "use_muon": True})
     with pytest.raises(ValueError, match="param group 3"):  # the Muon child's group 2
         opt.add_param_group({"params": [nn.Linear(4, 4).weight], "use_muon": True, "lr": -1.0})
+
+
+def test_router_load_errors_name_its_own_group_index():
+    model = Net()
+    opt = fusedopt.MuonWithAdamW(model)  # group 0: Muon, group 1: AdamW
+    opt.add_param_group({"params": [nn.Linear(8, 8).weight], "use_muon": True})  # group 2: Muon's 1
+    for p in [p for g in opt.param_groups for p in g["params"]]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    pid = sd["param_groups"][2]["params"][0]
+    sd["state"][pid]["momentum_buffer"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"of group 2 \(shape \(8, 8\)\)"):
+        opt.load_state_dict(sd)
+
+
+def test_muon_memory_report_is_consistent_with_fp32_grads_of_bf16_params():
+    p = torch.randn(16, 32, dtype=torch.bfloat16, requires_grad=True)
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None
+    p.grad = torch.randn(16, 32)
+    opt = fusedopt.Muon([p])
+    opt.step()
+    report = fusedopt.memory_report(opt)
+    assert report.consistent is True and report.total.measured.total == 16 * 32 * 4, f"\n{report}"

@@ -266,8 +266,17 @@ def _job_bad(rank, world, out_dir):
     opt.load_state_dict(full[0])
     _train(m_ref, ref, 2, seed=5)
     _train(m, opt, 2, seed=5)
+    hooks_seen = list(hooks)
+    leak_free = True
+    if rank == 0:  # a post hook edits the dict it is given; the next state_dict() is not affected
+        handle = opt.register_state_dict_post_hook(lambda o, sd: (sd["param_groups"][0].update(lr=123.0),
+                                                                   sd["state"].clear()))
+        opt.state_dict()
+        handle.remove()
+        again = opt.state_dict()
+        leak_free = again["param_groups"][0]["lr"] != 123.0 and len(again["state"]) > 0
     return dict(owners=owners, step_error=step_error, unmoved=unmoved, load_error=load_error, state_kept=state_kept,
-                hooks=hooks, equal=all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters())))
+                hooks=hooks_seen, leak_free=leak_free, equal=all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters())))
 
 
 def _job_subgroups(rank, world, out_dir):
@@ -404,7 +413,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs):
         assert "sparse" in res["step_error"] and res["unmoved"]
         assert res["load_error"] is not None and "param 2 of group 0 (shape (3, 70))" in res["load_error"]
         assert "exp_avg_sq" in res["load_error"] and res["state_kept"]
-        assert res["equal"]  # and training goes on, as the unsharded optimizer's
+        assert res["equal"] and res["leak_free"]  # and training goes on, as the unsharded optimizer's
     # torch.optim's state_dict hooks (consolidate + state_dict on rank 0; two loads on every rank)
     assert results[0]["bad"]["hooks"] == ["sd_pre", "sd_post", "load_pre", "load_pre", "load_post"]
     assert all(r["bad"]["hooks"] == ["load_pre", "load_pre", "load_post"] for r in results[1:])

@@ -62,8 +62,9 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 class StateLayout:
     """What an optimizer allocates per parameter; the formula both the report and the plan use.
 
-    moment_dtype: "float32", "bfloat16", "param" (the param's own dtype, as torch.optim) or
-    "8bit" (uint8 codes plus one fp32 absmax per 256-element block for params with at least
+    moment_dtype: "float32", "bfloat16", "param" (the param's own dtype, as torch.optim), "grad"
+    (the grad's dtype, as Muon's momentum: fp32 for fp32 grads of a bf16 param; the param's when
+    no grad is there to tell) or "8bit" (uint8 codes plus one fp32 absmax per 256-element block for params with at least
     ``min_8bit_size`` elements; smaller params keep fp32 moments).
     """
 
@@ -74,24 +75,27 @@ class StateLayout:
     min_8bit_size: int = 4096
 
     def __post_init__(self):
-        if self.moment_dtype not in (*_ITEMSIZE, "param", "8bit"):
+        if self.moment_dtype not in (*_ITEMSIZE, "param", "grad", "8bit"):
             raise ValueError(f"no formula for moment dtype {self.moment_dtype!r}")
 
-    def _itemsize(self, param_dtype: torch.dtype) -> int:
+    def _itemsize(self, param_dtype: torch.dtype, grad_dtype: torch.dtype | None) -> int:
         if self.moment_dtype == "param":
             return param_dtype.itemsize
+        if self.moment_dtype == "grad":
+            return (grad_dtype or param_dtype).itemsize
         if self.moment_dtype == "8bit":
             return 4  # a param below min_8bit_size keeps fp32 moments
         return _ITEMSIZE[self.moment_dtype]
 
-    def bytes(self, numel: int, param_dtype: torch.dtype, policy_numel: int | None = None) -> StateBytes:
+    def bytes(self, numel: int, param_dtype: torch.dtype, policy_numel: int | None = None,
+              grad_dtype: torch.dtype | None = None) -> StateBytes:
         """State of a param (or, sharded, of a piece of one) of `numel` elements; whether it is
         8-bit is decided by `policy_numel`, the whole param's count (default: numel)."""
         policy = numel if policy_numel is None else policy_numel
         if self.moment_dtype == "8bit" and policy >= self.min_8bit_size:
             moments, absmax = self.moments * numel, self.moments * 4 * math.ceil(numel / BLOCK)
         else:
-            moments, absmax = self.moments * self._itemsize(param_dtype) * numel, 0
+            moments, absmax = self.moments * self._itemsize(param_dtype, grad_dtype) * numel, 0
         master = 4 * numel if self.master_weights and param_dtype != torch.float32 else 0
         return StateBytes(moments=moments, absmax=absmax, master=master, step=4 if self.step else 0)
 
@@ -125,9 +129,9 @@ LAYOUTS: dict[type, Callable[[dict], StateLayout]] = {
     fused.AdamW8bit: _fused_adam8bit,
     fused.Lion: _fused_lion,
     fused.Lion8bit: _fused_lion8bit,
-    # Muon: one momentum_buffer in the param's dtype, no step; the router's groups say their kind
-    fused.Muon: lambda g: StateLayout(1, "param"),
-    fused.MuonWithAdamW: lambda g: StateLayout(1, "param") if g["use_muon"] else _fused_adam(g),
+    # Muon: one momentum_buffer in the grad's dtype, no step; the router's groups say their kind
+    fused.Muon: lambda g: StateLayout(1, "grad"),
+    fused.MuonWithAdamW: lambda g: StateLayout(1, "grad") if g["use_muon"] else _fused_adam(g),
     torch.optim.Adam: _torch_adam,
     torch.optim.AdamW: _torch_adam,
 }
@@ -259,7 +263,7 @@ def _group_report(optimizer, index: int, group: dict, seen: set) -> GroupReport:
             continue
         with_state += 1
         if layout:
-            declared += layout.bytes(p.numel(), p.dtype, policy_numel(p))
+            declared += layout.bytes(p.numel(), p.dtype, policy_numel(p), None if p.grad is None else p.grad.dtype)
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue  # e.g. a Python-number step: no tensor memory

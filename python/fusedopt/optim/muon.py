@@ -332,6 +332,14 @@ class MuonWithAdamW(Optimizer):
         return {**super().__getstate__(), "muon": self.muon, "adamw": self.adamw, "_order": self._order,
                 "_kinds": self._kinds}
 
+    def _renumbered_child_error(self, e: Exception) -> Exception:
+        """A child's load error about its group j, naming our group (found from the child's name)."""
+        use_muon = str(e).startswith("fusedopt.Muon")
+        m = re.search(r"\b(?:param group|of group) (\d+)\b", str(e))
+        if m is None or (use_muon, int(m.group(1))) not in self._order:
+            return e
+        return _renumbered(e, int(m.group(1)), self._order.index((use_muon, int(m.group(1)))))
+
     def _child(self, use_muon: bool):
         return self.muon if use_muon else self.adamw
 
@@ -407,10 +415,12 @@ class MuonWithAdamW(Optimizer):
         try:
             for c in self._children():
                 c.load_state_dict(subs[c is self.muon])
-        except Exception:
+        except Exception as e:
             for c, st, gs in before:  # the first child may have loaded before the second raised
                 c.state, c.param_groups = st, gs
-            raise
+            if isinstance(e, (ValueError, TypeError, RuntimeError)):
+                e = self._renumbered_child_error(e)
+            raise e from None
         self.state = defaultdict(dict)
         for c in self._children():
             self.state.update(c.state)

@@ -2,6 +2,7 @@
 optimizers, over torch.distributed (gloo on CPU, NCCL on GPU)."""
 from __future__ import annotations
 
+from collections import deque
 from copy import deepcopy
 from typing import Any
 
@@ -254,7 +255,10 @@ class ZeroShardedOptimizer(Optimizer):
             )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        state_dict = dict(self._consolidated)  # a hook may edit what it is given, not our copy
+        # A hook may edit the dict, its groups and its state map (not the tensors): as torch's,
+        # those are new for every call.
+        c = self._consolidated
+        state_dict = {**c, "state": dict(c["state"]), "param_groups": [dict(g) for g in c["param_groups"]]}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             out = post_hook(self, state_dict)
             if out is not None:
@@ -286,8 +290,7 @@ class ZeroShardedOptimizer(Optimizer):
         # the param, before any change (a piece alone cannot tell, and a rank that loaded would
         # leave the others waiting in the next step's collective).
         checked_groups, new_groups = self._inner._loaded_groups(state_dict, self.param_groups, self._who)
-        for _ in self._inner._loaded_states(state_dict, checked_groups, new_groups, self._who):
-            pass
+        deque(self._inner._loaded_states(state_dict, checked_groups, new_groups, self._who), maxlen=0)
         inner_state, inner_groups, k = {}, [], 0
         for g, (saved_group, group, mine) in enumerate(zip(saved_groups, self.param_groups, self._pieces)):
             ids = []
