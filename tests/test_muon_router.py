@@ -42,6 +42,17 @@ def net_loss(model, seed=0):
     return nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
 
 
+def step_both_and_compare(pairs, seed):
+    """One more step of each (model, optimizer) pair; the models must stay bitwise equal."""
+    for m, o in pairs:
+        o.zero_grad()
+        net_loss(m, seed).backward()
+        o.step()
+    (ma, _), (mb, _) = pairs
+    for (n, p), q in zip(ma.named_parameters(), mb.parameters()):
+        assert torch.equal(p, q), n
+
+
 def routed(opt, model):
     names = {id(p): n for n, p in model.named_parameters()}
     return {g["use_muon"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
@@ -116,12 +127,7 @@ def test_router_state_dict_round_trip():
     opt2 = fusedopt.MuonWithAdamW(model2, muon_lr=1.0, adamw_lr=1.0)
     opt2.load_state_dict(through_bytes(opt.state_dict()))
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
-    for m, o in ((model, opt), (model2, opt2)):
-        o.zero_grad()
-        net_loss(m, 5).backward()
-        o.step()
-    for (n, p), q in zip(model.named_parameters(), model2.parameters()):
-        assert torch.equal(p, q), n
+    step_both_and_compare(((model, opt), (model2, opt2)), seed=5)
     # a checkpoint whose group kinds differ is refused before anything changes
     sd = opt.state_dict()
     sd["param_groups"][0]["use_muon"] = not sd["param_groups"][0]["use_muon"]
@@ -201,12 +207,7 @@ def test_router_survives_copies(how):
     model2, opt2 = both
     assert opt2.muon.state is opt2.state and opt2.adamw.state is opt2.state
     assert opt2.param_groups[0] is opt2.muon.param_groups[0]
-    for m, o in ((model, opt), (model2, opt2)):
-        o.zero_grad()
-        net_loss(m, 3).backward()
-        o.step()
-    for (n, p), q in zip(model.named_parameters(), model2.parameters()):
-        assert torch.equal(p, q), n
+    step_both_and_compare(((model, opt), (model2, opt2)), seed=3)
     opt2.load_state_dict(opt.state_dict())
 
 
