@@ -84,7 +84,16 @@ def test_inputs_are_not_written_and_a_side_stream_gives_the_same_bits():
 @pytest.mark.parametrize("shape", [(8, 256, 256), (4, 96, 300), (4, 300, 96)])
 def test_newton_schulz_through_the_kernel_equals_the_torch_path(shape, monkeypatch):
     """Both run 5 bf16 iterations; they differ only in the rounding of the symmetric products, so the
-    outputs agree to a few bf16 ulps of the O(1) result, and both land in the quintic's band."""
+    outputs agree to a few bf16 ulps of the O(1) result, and so do their singular values.
+
+    The quintic's band (singular values in ~[0.7, 1.2]) holds for the rectangular shapes only: a
+    square Gaussian matrix has singular values near 0 (normalized, the smallest of a 256 x 256 one is
+    about 1e-5) that 5 iterations cannot lift (the torch path itself leaves them at 0.004-0.01). There
+    the kernel's singular values are compared with the torch path's, matrix by matrix, within 0.02:
+    by Weyl's inequality they differ by at most ||O_sym - O_ref||_2, and the bf16 rounding of the
+    outputs alone (2^-9 of each entry, about 1/sqrt(n)) puts that near 2^-8; measured on the CPU with
+    the symmetric products rounded once from fp64 against torch's bf16 bmm path, at most 0.0042
+    over 20 seeds x 8 matrices (relative Frobenius difference 0.0055)."""
     calls = []
     monkeypatch.setattr(ns, "symmetric_gram", lambda *a, **k: calls.append(1) or symmetric_gram(*a, **k))
     g = torch.randn(shape, device="cuda")
@@ -93,7 +102,12 @@ def test_newton_schulz_through_the_kernel_equals_the_torch_path(shape, monkeypat
     o_ref = ns.zeropower(g).float()
     assert (o_sym - o_ref).norm() <= 0.02 * o_ref.norm()
     s = torch.linalg.svdvals(o_sym)
-    assert bool((s > 0.6).all()) and bool((s < 1.25).all())
+    assert bool((s < 1.25).all())
+    if shape[-2] != shape[-1]:
+        assert bool((s > 0.6).all())
+    else:
+        s_ref = torch.linalg.svdvals(o_ref)
+        assert float((s - s_ref).abs().max()) <= 0.02
 
 
 @requires_cuda
