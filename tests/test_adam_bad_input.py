@@ -174,3 +174,53 @@ def test_cuda_params_without_cuda_backend_name_the_fix(monkeypatch):
     monkeypatch.setattr(ops, "cuda_compiled", lambda: False)
     with pytest.raises(RuntimeError, match="no CUDA backend"):
         ops.check_device_supported(torch.device("cuda", 0), "fusedopt.AdamW")
+
+
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion, fusedopt.AdamW8bit])
+def test_a_set_of_params_raises_as_torch(cls):
+    p, q = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    opt = cls({p})  # torch takes a set of params itself (one param: its order cannot vary), not a group's
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {q}})  # the order (and a checkpoint's param ids) would vary between runs
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion, fusedopt.AdamW8bit, fusedopt.Muon])
+def test_params_over_shared_memory_are_refused(cls):
+    # Two Parameters over one storage: one launch updates both at once and its threads race (a
+    # 200K-element AdamW run differed between two identical runs); torch.optim steps them in turn.
+    base = torch.randn(256, 1024)
+    a, b = torch.nn.Parameter(base), torch.nn.Parameter(base)
+    with pytest.raises(ValueError, match="param 0 of group 0 and param 1 of group 0 share memory"):
+        cls([a, b])
+    opt = cls([a])
+    overlapping = torch.nn.Parameter(base[100:200])  # a row range inside a's memory, in a later group
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [overlapping]})
+    assert len(opt.param_groups) == 1
+    cls([torch.nn.Parameter(base[:128]), torch.nn.Parameter(base[128:])])  # disjoint views of one base are fine
+
+
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.AdamW8bit])
+@pytest.mark.parametrize("step", [torch.tensor(3), torch.tensor(3.0, dtype=torch.float64), 3])
+def test_a_step_counter_of_another_type_raises_not_misread(cls, step):
+    # The kernels read and increment the counter as a float32 scalar: an int64 3 was read as the
+    # float with those bits (the bias correction of step ~4e-45) and came back as 1065353216.
+    p = torch.randn(64, 128, requires_grad=True)
+    p.grad = torch.randn(64, 128)
+    opt = cls([p], lr=1e-2)
+    opt.step()
+    opt.state[p]["step"] = step
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"state\['step'\] is a (torch\.\w+ tensor|int)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_a_refused_group_leaves_its_params_free_to_be_added_again():
+    a, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    opt = fusedopt.AdamW([a])
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    opt.add_param_group({"params": [b]})  # not "share memory" with the refused group's copy of b
+    assert len(opt.param_groups) == 2

@@ -136,3 +136,22 @@ def test_grad_scaler_inf_skips_on_cuda():
     scaler.update()
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
     assert all(s["step"].item() == 0 for s in opt.state.values())
+
+
+def test_device_betas_refuse_graph_capture_clearly_and_step_eagerly():
+    # Betas reach the kernel as host floats: a CUDA beta is read (synced) at each eager step, and
+    # inside a capture that read would abort it with CUDA's "operation not permitted".
+    p = torch.randn(100, device="cuda", requires_grad=True)
+    p.grad = torch.randn_like(p)
+    betas = (torch.tensor(0.9, device="cuda"), torch.tensor(0.999, device="cuda"))
+    opt = fusedopt.AdamW([p], lr=torch.tensor(1e-2, device="cuda"), betas=betas, capturable=True)
+    opt.step()
+    before = p.detach().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), pytest.raises(RuntimeError, match="beta 0 .* cuda:0 tensor"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert torch.equal(p.detach(), before) and opt.state[p]["step"].item() == 1

@@ -1,5 +1,6 @@
 """fusedopt.Muon: parity with torch.optim.Muon, the aliasing trap, buffer dtypes, conv shapes,
 checkpoints both ways, bad input (Newton-Schulz itself: test_newton_schulz.py)."""
+import copy
 import math
 
 import pytest
@@ -389,3 +390,33 @@ def test_fp32_grads_of_bf16_params_keep_an_fp32_buffer():
     again.load_state_dict(through_bytes(opt.state_dict()))
     assert again.state[p]["momentum_buffer"].dtype == torch.float32
     assert torch.equal(again.state[p]["momentum_buffer"], buf)
+
+
+class _NotCapturing:
+    def is_capturing(self):
+        return False
+
+
+def test_a_copied_muon_steps_where_cuda_is_available(monkeypatch):
+    # torch's capture check reads group["capturable"], which Muon's groups (as torch.optim.Muon's)
+    # lack, unless _warned_capturable_if_run_uncaptured is set: deepcopy and pickle drop that, so a
+    # copy raised KeyError at step() on every machine with a GPU. Faked here: CI has none.
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda *a: _NotCapturing())
+    p = torch.randn(8, 16, requires_grad=True)
+    p.grad = torch.randn(8, 16)
+    opt = copy.deepcopy(fusedopt.Muon([p], lr=0.02))
+    opt.step()
+    assert torch.equal(opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"], 0.05 * p.grad)
+
+
+def test_muon_refuses_graph_capture_clearly(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    p = torch.randn(8, 16, requires_grad=True)
+    p.grad = torch.randn(8, 16)
+    opt = fusedopt.Muon([p], lr=0.02)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        fusedopt.MuonWithAdamW(torch.nn.Linear(16, 8), adamw_lr=1e-3).step()

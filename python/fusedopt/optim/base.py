@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import bisect
 import numbers
 from collections import defaultdict
 from copy import deepcopy
@@ -89,7 +90,14 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{self._who}: betas in {where} must be a pair (beta1, beta2), got {betas!r}")
         for k, b in enumerate(betas):
             if at_step and isinstance(b, torch.Tensor) and b.device.type != "cpu":
-                continue  # as a device lr: checked when the group was made, not synced each step
+                # The kernels take betas as host floats, so a device beta is read (synced) each
+                # step: within a CUDA graph capture that read would abort the capture.
+                if b.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        f"{self._who}: beta {k} in {where} is a {b.device} tensor, which step() reads on the host "
+                        "each step and a CUDA graph cannot; pass betas as floats or CPU tensors to capture the step"
+                    )
+                continue  # as a device lr: its range was checked when the group was made
             if not 0.0 <= as_float(b) < 1.0:
                 raise ValueError(f"{self._who}: invalid beta parameter at index {k} ({as_float(b)}) in {where}: need 0 <= beta < 1")
 
@@ -99,6 +107,11 @@ class FusedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
+        if isinstance(params, set):  # torch's check, which list() below would hide from it
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of "
+                "tensors in sets will change between runs. Please use a list instead."
+            )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         # Written back into the caller's dict, as torch does: a generator (model.parameters() in a
         # group dict) is spent by list().
@@ -109,6 +122,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{self._who}: a param group lists the same parameter twice; pass each parameter once")
         super().add_param_group(param_group)
         try:
+            spans = self._spans_without_overlap()
             group = self.param_groups[-1]
             if "state_dtype" in group:  # as the constructor stores it: torch.bfloat16 -> "bfloat16"
                 group["state_dtype"] = state_dtype_name(group["state_dtype"])
@@ -116,6 +130,34 @@ class FusedOptimizer(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        self._param_spans = spans  # only for a group that stays
+
+    def _spans_without_overlap(self) -> list[tuple]:
+        """Every param's (device, first byte, end byte, index, group), sorted, after checking that
+        the last group's overlap none: distinct params over shared memory (two Parameters over one
+        storage) would race in one launch, whose threads and CUDA blocks update all tensors at once;
+        torch.optim steps them one after the other. The earlier groups' spans are kept, so adding G
+        groups is not G passes over all params."""
+        known = getattr(self, "_param_spans", None)
+        groups = enumerate(self.param_groups) if known is None else [(len(self.param_groups) - 1, self.param_groups[-1])]
+        spans = []
+        for i, group in groups:
+            for k, p in enumerate(group["params"]):
+                if p.numel() > 0 and p.device.type != "meta" and p.data_ptr() != 0:
+                    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
+                    spans.append((str(p.device), p.data_ptr(), p.data_ptr() + extent * p.element_size(), k, i))
+        known = list(known or [])
+        for span in spans:
+            at = bisect.bisect(known, span)
+            for a, b in ((known[at - 1] if at else None, span), (span, known[at] if at < len(known) else None)):
+                if a is not None and b is not None and a[0] == b[0] and b[1] < a[2]:
+                    raise ValueError(
+                        f"{self._who}: param {a[3]} of group {a[4]} and param {b[3]} of group {b[4]} share memory; "
+                        "one launch updates every param at once, so overlapping params would race (torch.optim "
+                        "steps them in turn). Tie them as one Parameter, or give each its own memory"
+                    )
+            known.insert(at, span)
+        return known
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -132,25 +174,28 @@ class FusedOptimizer(Optimizer):
         """
         pairs = []
         device = None
+        strided, f32 = torch.strided, torch.float32  # layouts and dtypes are singletons: `is` compares
         for k, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
+            p_dtype, g_dtype, p_device = p.dtype, g.dtype, p.device
             if (
-                g.layout != torch.strided
-                or p.dtype not in SUPPORTED_PARAM_DTYPES
-                or (g.dtype != p.dtype and g.dtype != torch.float32)
+                g.layout is not strided
+                or p_dtype not in SUPPORTED_PARAM_DTYPES
+                or (g_dtype is not p_dtype and g_dtype is not f32)
                 or g.shape != p.shape
-                or g.device != p.device
+                or g.device != p_device
                 or not (p.is_contiguous() or is_dense(p))
             ):
                 self._raise_bad_param(p, g, k, index)
             if device is None:
-                device = p.device
+                device = p_device
                 check_device_supported(device, self._who)
-            elif p.device != device:
+                self._check_state_device(p, k, index)  # per group here, so model.to() raises before any group steps
+            elif p_device != device:
                 raise RuntimeError(
-                    f"{self._who}: param {k} of group {index} is on {p.device} but the group also has params "
+                    f"{self._who}: param {k} of group {index} is on {p_device} but the group also has params "
                     f"on {device}; put params of different devices in different param groups"
                 )
             if g.stride() != p.stride():
@@ -159,6 +204,45 @@ class FusedOptimizer(Optimizer):
                 g = torch.empty_like(p, dtype=g.dtype).copy_(g)
             pairs.append((p, g))
         return pairs
+
+    def _check_state_device(self, p: torch.Tensor, k: int, index: int, state: dict | None = None) -> None:
+        """model.to(device) moves a param in place (the same object) and leaves its state behind,
+        where a kernel would dereference the other device's pointers; torch.optim raises a device
+        mismatch. step() runs this on each group's first param before any group steps (a moved
+        model fails there); _buckets compares every param's first moment as its group launches."""
+        state = self.state.get(p) if state is None else state
+        for key, v in (state or {}).items():
+            if isinstance(v, torch.Tensor) and v.device != p.device:
+                raise RuntimeError(
+                    f"{self._who}: param {k} of group {index} is on {p.device} but its state '{key}' is on "
+                    f"{v.device} (was the model moved after the optimizer was made?); move the state with "
+                    "opt.load_state_dict(opt.state_dict()) after moving the model, or make the optimizer after "
+                    "model.to(device)"
+                )
+
+    def _mended_moment(self, p: torch.Tensor, key: str, group: dict, state: dict) -> torch.Tensor:
+        """state[key], a moment every launch reads, which the caller found to differ from p in
+        strides, numel or device (a per-param check on the hot path; the same numel in another
+        shape has other strides, so it lands here too). A moment laid out differently from p
+        (model.to(memory_format=channels_last) after the state was made) would pair p[i] with the
+        wrong element, so the state is re-laid out as load_state_dict would lay it out; a moment
+        of another shape (a resized param) raises, as torch's elementwise ops do, and one on
+        another device raises (_check_state_device)."""
+        m = state[key]
+        index = next(i for i, grp in enumerate(self.param_groups) if grp is group)
+        k = next(k for k, q in enumerate(group["params"]) if q is p)
+        self._check_state_device(p, k, index, state)
+        if m.shape != p.shape:
+            raise RuntimeError(
+                f"{self._who}: param {k} of group {index} has shape {tuple(p.shape)} but its state '{key}' has "
+                f"shape {tuple(m.shape)} (was the param resized after the optimizer stepped?); drop its state "
+                "(del opt.state[param]: its moments restart) or load a checkpoint made for this shape"
+            )
+        if m.stride() != p.stride():  # also where only size-1 dims differ: then the fast path holds again
+            converted = self._load_param_state(p, dict(state), group, f"{self._who}: param {k} of group {index}")
+            state.clear()
+            state.update(converted)
+        return state[key]
 
     def _raise_bad_param(self, p: torch.Tensor, g: torch.Tensor, k: int, index: int) -> None:
         where = f"{self._who}: param {k} of group {index} (shape {tuple(p.shape)}, {p.dtype})"
@@ -231,12 +315,19 @@ class FusedOptimizer(Optimizer):
         """Initialize missing state, then split (param, grad, state) triples into one bucket per
         native launch: same device, param/grad/state dtypes and master-weights flag."""
         buckets: dict[tuple, list] = {}
+        device = pairs[0][0].device if pairs else None  # one per group (_grads_of)
+        f32 = torch.float32
         for p, g in pairs:
             state = self.state[p]
             if len(state) == 0:
                 state.update(self._init_state(p, group))
-            master = "master_param" in state and p.dtype != torch.float32
-            key = (p.device, p.dtype, g.dtype, state["exp_avg"].dtype, master)
+            p_dtype = p.dtype
+            master = p_dtype is not f32 and "master_param" in state
+            m = state["exp_avg"]
+            # inline, not a call: this is per param per step (see _mended_moment)
+            if m.stride() != p.stride() or m.numel() != p.numel() or m.device != device:
+                m = self._mended_moment(p, "exp_avg", group, state)
+            key = (device, p_dtype, g.dtype, m.dtype, master)
             buckets.setdefault(key, []).append((p, g, state))
         return buckets
 

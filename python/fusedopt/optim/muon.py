@@ -143,6 +143,14 @@ class Muon(FusedOptimizer):
                     raise ValueError(f"{self._who}: param {k} of {where} is on {p.device}; ns_kernel='symmetric' "
                                      "is fusedopt's CUDA kernel: use ns_kernel='torch' for CPU params")
 
+    def _graph_capture_check(self) -> None:
+        # Not torch's: its check reads group["capturable"], which Muon's groups (as
+        # torch.optim.Muon's) do not have; torch skips it only while _warned_capturable_if_run_uncaptured
+        # is set, which deepcopy and pickle drop (a KeyError at step wherever CUDA is available).
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{self._who}: step() cannot be captured in a CUDA graph (Muon has no capturable "
+                               "mode); step it outside the graph")
+
     # --- state -----------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict, grad_dtype: torch.dtype | None = None) -> dict:
         # In the grad's dtype, as torch.optim.Muon (zeros_like(p.grad)): fp32 grads of a bf16
@@ -178,6 +186,8 @@ class Muon(FusedOptimizer):
             if len(state) == 0:
                 state.update(self._init_state(p, group, g.dtype))
             buf = state["momentum_buffer"]
+            if buf.stride() != p.stride() or buf.numel() != p.numel() or buf.device != p.device:  # as in _buckets
+                buf = self._mended_moment(p, "momentum_buffer", group, state)
             if p.numel() == 0:
                 continue  # nothing to orthogonalize or update (torch.optim.Muon's step is a no-op too)
             if p.is_contiguous() and buf.is_contiguous() and g.is_contiguous():
@@ -386,8 +396,8 @@ class MuonWithAdamW(Optimizer):
                 plans[id(child)][j] = child._check_step_group(child.param_groups[j], j)
             except (ValueError, TypeError, RuntimeError) as e:
                 raise _renumbered(e, j, k) from None
-        if self.adamw is not None:  # what FusedOptimizer.step checks before a CUDA-graph capture
-            self.adamw._graph_capture_check()
+        for c in self._children():  # what FusedOptimizer.step checks before a CUDA-graph capture
+            c._graph_capture_check()
         for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer
             c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None), plans[id(c)])
         return loss
