@@ -186,19 +186,36 @@ def test_a_set_of_params_raises_as_torch(cls):
 
 
 @pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.Lion, fusedopt.AdamW8bit, fusedopt.Muon])
-def test_params_over_shared_memory_are_refused(cls):
-    # Two Parameters over one storage: one launch updates both at once and its threads race (a
-    # 200K-element AdamW run differed between two identical runs); torch.optim steps them in turn.
+def test_params_over_shared_memory_in_one_group_are_refused(cls):
+    # Two Parameters over one storage: one launch updates a group's params at once and its threads
+    # race (a 200K-element AdamW run differed between two identical runs); torch.optim steps them
+    # in turn.
     base = torch.randn(256, 1024)
-    a, b = torch.nn.Parameter(base), torch.nn.Parameter(base)
-    with pytest.raises(ValueError, match="param 0 of group 0 and param 1 of group 0 share memory"):
+    a, b = torch.nn.Parameter(base), torch.nn.Parameter(base[100:200])  # b: rows inside a's memory
+    with pytest.raises(ValueError, match="params 0 and 1 of group 0 share memory"):
         cls([a, b])
-    opt = cls([a])
-    overlapping = torch.nn.Parameter(base[100:200])  # a row range inside a's memory, in a later group
-    with pytest.raises(ValueError, match="share memory"):
-        opt.add_param_group({"params": [overlapping]})
+    opt = cls([torch.randn(4, 4, requires_grad=True)])
+    with pytest.raises(ValueError, match="params 0 and 1 of group 1 share memory"):
+        opt.add_param_group({"params": [b, a]})
     assert len(opt.param_groups) == 1
     cls([torch.nn.Parameter(base[:128]), torch.nn.Parameter(base[128:])])  # disjoint views of one base are fine
+
+
+def test_overlapping_params_in_separate_groups_step_in_turn_as_torch():
+    # Groups launch one after another, as torch.optim's loop steps them: allowed, and the result is
+    # torch's (each group's update sees the other's).
+    out = []
+    for cls in (torch.optim.AdamW, fusedopt.AdamW):
+        torch.manual_seed(0)
+        base = torch.randn(64, 64)
+        a, b = torch.nn.Parameter(base.clone()), None
+        b = torch.nn.Parameter(a.data[16:48])
+        opt = cls([{"params": [a]}, {"params": [b]}], lr=1e-2)
+        for _ in range(3):
+            a.grad, b.grad = torch.randn(64, 64), torch.randn(32, 64)
+            opt.step()
+        out.append(a.detach().clone())
+    assert (out[0] - out[1]).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.AdamW8bit])
@@ -212,7 +229,7 @@ def test_a_step_counter_of_another_type_raises_not_misread(cls, step):
     opt.step()
     opt.state[p]["step"] = step
     before = p.detach().clone()
-    with pytest.raises(RuntimeError, match=r"state\['step'\] is a (torch\.\w+ tensor|int)"):
+    with pytest.raises(RuntimeError, match=r"state\['step'\] is a (torch\.\w+ tensor on cpu|int)"):
         opt.step()
     assert torch.equal(p.detach(), before)
 
@@ -224,3 +241,13 @@ def test_a_refused_group_leaves_its_params_free_to_be_added_again():
         opt.add_param_group({"params": [b], "lr": -1.0})
     opt.add_param_group({"params": [b]})  # not "share memory" with the refused group's copy of b
     assert len(opt.param_groups) == 2
+
+
+def test_a_step_counter_on_another_device_raises():
+    p, q = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    opt = fusedopt.AdamW([p, q], lr=1e-2)
+    p.grad, q.grad = torch.randn(8), torch.randn(8)
+    opt.step()
+    opt.state[q]["step"] = opt.state[q]["step"].to("meta")  # stands in for a CUDA counter of a CPU param
+    with pytest.raises(RuntimeError, match=r"state\['step'\] is a torch.float32 tensor on meta"):
+        opt.step()  # (was a segfault: the counter's pointer dereferenced by the CPU loop)

@@ -248,3 +248,20 @@ def test_muon_memory_report_is_consistent_with_fp32_grads_of_bf16_params():
     opt.step()
     report = fusedopt.memory_report(opt)
     assert report.consistent is True and report.total.measured.total == 16 * 32 * 4, f"\n{report}"
+
+
+def test_router_step_errors_name_its_own_groups_and_sets_are_refused():
+    w, bias = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(16))
+    opt = fusedopt.MuonWithAdamW([{"params": [bias], "use_muon": False}, {"params": [w], "use_muon": True}])
+    for p in (w, bias):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    k = 1  # the Muon child's group 0
+    assert opt.param_groups[k]["use_muon"]
+    p = w
+    p.data = torch.randn(p.shape[0] * 2, p.shape[1])  # resized after stepping
+    p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match=rf"param 0 of group {k} has shape"):
+        opt.step()
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {torch.nn.Parameter(torch.randn(4, 4))}, "use_muon": True})

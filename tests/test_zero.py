@@ -279,6 +279,29 @@ def _job_bad(rank, world, out_dir):
                 hooks=hooks_seen, leak_free=leak_free, equal=all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m.parameters())))
 
 
+def _job_moved(rank, world, out_dir):
+    """Params over shared memory, refused on whole params (a rank's pieces alone would decide
+    differently per rank, and the one that accepted would wait in all_gather); and a param moved
+    after sharding (its pieces would go on updating the old memory): every rank raises alike."""
+    base = torch.randn(300, 1024)
+    a, b = torch.nn.Parameter(base), torch.nn.Parameter(base[200:300])
+    try:
+        fusedopt.ZeroShardedOptimizer([a, b], fusedopt.AdamW, lr=1e-2)
+        overlap_error = None
+    except ValueError as e:
+        overlap_error = str(e)
+    m = _model()
+    opt = fusedopt.ZeroShardedOptimizer(_groups(m), fusedopt.AdamW, lr=1e-2)
+    _train(m, opt, 1, seed=6)
+    m[0].weight.data = m[0].weight.data.clone()  # what model.to(...) does to each param
+    try:
+        _train(m, opt, 1, seed=7)
+        moved_error = None
+    except RuntimeError as e:
+        moved_error = str(e)
+    return dict(overlap_error=overlap_error, moved_error=moved_error)
+
+
 def _job_subgroups(rank, world, out_dir):
     """Two independent ZeRO groups of 2 ranks each inside a world of 4."""
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -317,7 +340,7 @@ def _run(world, jobs, out_dir):
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"zero{request.param}")
-    jobs = [f"case:{name}" for name in CASES] + ["scaler", "odd", "load", "bad"]
+    jobs = [f"case:{name}" for name in CASES] + ["scaler", "odd", "load", "bad", "moved"]
     return request.param, _run(request.param, jobs, out)
 
 
@@ -417,6 +440,13 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs):
     # torch.optim's state_dict hooks (consolidate + state_dict on rank 0; two loads on every rank)
     assert results[0]["bad"]["hooks"] == ["sd_pre", "sd_post", "load_pre", "load_pre", "load_post"]
     assert all(r["bad"]["hooks"] == ["load_pre", "load_pre", "load_post"] for r in results[1:])
+
+
+def test_shared_memory_and_moved_params_raise_on_every_rank(runs):
+    for r in runs[1]:
+        assert "params 0 and 1 of group 0 share memory" in r["moved"]["overlap_error"]
+        assert "ZeroShardedOptimizer(AdamW)" in r["moved"]["overlap_error"]
+        assert "param 0 of group 0 no longer lives in the memory it was sharded from" in r["moved"]["moved_error"]
 
 
 def test_process_subgroups(tmp_path):

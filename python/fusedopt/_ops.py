@@ -33,19 +33,21 @@ def _ptrs(tensors) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
-def _step_ptrs(steps, who: str) -> list[int]:
-    """Pointers to the step counters, which the kernels read and increment as float32 scalars: an
-    int64 counter (a hand-edited state) would be misread as float bits, not converted."""
+def _step_ptrs(steps, device: torch.device) -> list[int]:
+    """Pointers to the step counters, which the kernels read and increment as float32 scalars on
+    the launch's device: an int64 counter (a hand-edited state) would be misread as float bits, one
+    on another device dereferenced there."""
     f32 = torch.float32
     try:
-        ptrs = [t.data_ptr() for t in steps if t.dtype is f32]
+        ptrs = [t.data_ptr() for t in steps if t.dtype is f32 and t.device == device]
     except AttributeError:  # not a tensor
         ptrs = []
     if len(ptrs) != len(steps):
-        bad = next(t for t in steps if not isinstance(t, torch.Tensor) or t.dtype != torch.float32)
-        what = f"a {bad.dtype} tensor" if isinstance(bad, torch.Tensor) else f"a {type(bad).__name__}"
-        raise RuntimeError(f"{who}: state['step'] is {what}; the kernels keep it as a float32 tensor "
-                           "(torch.tensor(float(step)); load_state_dict converts a checkpoint's)")
+        bad = next(t for t in steps if not isinstance(t, torch.Tensor) or t.dtype != f32 or t.device != device)
+        what = f"a {bad.dtype} tensor on {bad.device}" if isinstance(bad, torch.Tensor) else f"a {type(bad).__name__}"
+        raise RuntimeError(f"fusedopt: a state['step'] is {what}; the kernels keep it as a float32 tensor on the "
+                           f"param's device ({device}): torch.tensor(float(step), device=p.device) "
+                           "(load_state_dict converts a checkpoint's)")
     return ptrs
 
 
@@ -118,7 +120,7 @@ def adam_step_(
     L.run(
         lib().adam_step,
         L.device_code, _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
-        _ptrs(max_exp_avg_sqs), _ptrs(masters), _step_ptrs(steps, "fusedopt.Adam"), [p.numel() for p in params],
+        _ptrs(max_exp_avg_sqs), _ptrs(masters), _step_ptrs(steps, L.device), [p.numel() for p in params],
         DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype], DTYPE_CODES[exp_avgs[0].dtype],
         L.lr, float(beta1), float(beta2), float(eps), float(weight_decay),
         bool(decoupled), bool(amsgrad), bool(maximize), L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr,
@@ -153,7 +155,7 @@ def adam8bit_step_(
     L.run(
         lib().adam8bit_step,
         L.device_code, _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_absmaxs), _ptrs(exp_avg_sqs),
-        _ptrs(exp_avg_sq_absmaxs), _ptrs(masters), _step_ptrs(steps, "fusedopt.Adam8bit"), [p.numel() for p in params],
+        _ptrs(exp_avg_sq_absmaxs), _ptrs(masters), _step_ptrs(steps, L.device), [p.numel() for p in params],
         DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype], signed_map.data_ptr(), unsigned_map.data_ptr(),
         L.lr, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
         L.lr_ptr, L.grad_scale_ptr, L.found_inf_ptr, L.stream, L.num_threads,

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import bisect
 import numbers
 from collections import defaultdict
 from copy import deepcopy
@@ -44,6 +43,29 @@ def policy_numel(p: torch.Tensor) -> int:
     """The element count that decides per-param policies (8-bit or fp32 state): the param's own,
     or, for a piece of a sharded param (fusedopt.ZeroShardedOptimizer), the whole param's."""
     return getattr(p, "_fusedopt_policy_numel", p.numel())
+
+
+def check_no_overlap(params, who: str, index: int) -> None:
+    """Distinct params of one group whose memory overlaps (two Parameters over one storage) would
+    race: one launch updates a group's tensors at once (CPU threads, CUDA blocks), where
+    torch.optim steps them in turn. Groups launch one after another, as torch's do, so only a
+    group's own params are compared (sorting their byte spans). Plain tensors only: a subclass
+    (FakeTensor, DTensor) has no meaningful data_ptr, and ZeroShardedOptimizer's pieces
+    (_fusedopt_policy_numel) were checked as whole params by the wrapper, on every rank alike."""
+    spans = []
+    for k, p in enumerate(params):
+        if type(p) in (torch.Tensor, torch.nn.Parameter) and p.numel() > 0 and p.device.type != "meta" \
+                and not hasattr(p, "_fusedopt_policy_numel"):
+            extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
+            spans.append((str(p.device), p.data_ptr(), p.data_ptr() + extent * p.element_size(), k))
+    spans.sort()
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(
+                f"{who}: params {min(a[3], b[3])} and {max(a[3], b[3])} of group {index} share memory; one launch updates a group's "
+                "params at once, so overlapping ones would race (torch.optim steps them in turn). Tie them as "
+                "one Parameter, give each its own memory, or put them in separate param groups"
+            )
 
 
 def reject_torch_only_flags(who: str, foreach, fused, differentiable) -> None:
@@ -122,42 +144,14 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{self._who}: a param group lists the same parameter twice; pass each parameter once")
         super().add_param_group(param_group)
         try:
-            spans = self._spans_without_overlap()
             group = self.param_groups[-1]
+            check_no_overlap(group["params"], self._who, len(self.param_groups) - 1)
             if "state_dtype" in group:  # as the constructor stores it: torch.bfloat16 -> "bfloat16"
                 group["state_dtype"] = state_dtype_name(group["state_dtype"])
             self._validate_group(group, len(self.param_groups) - 1)
         except Exception:
             self.param_groups.pop()
             raise
-        self._param_spans = spans  # only for a group that stays
-
-    def _spans_without_overlap(self) -> list[tuple]:
-        """Every param's (device, first byte, end byte, index, group), sorted, after checking that
-        the last group's overlap none: distinct params over shared memory (two Parameters over one
-        storage) would race in one launch, whose threads and CUDA blocks update all tensors at once;
-        torch.optim steps them one after the other. The earlier groups' spans are kept, so adding G
-        groups is not G passes over all params."""
-        known = getattr(self, "_param_spans", None)
-        groups = enumerate(self.param_groups) if known is None else [(len(self.param_groups) - 1, self.param_groups[-1])]
-        spans = []
-        for i, group in groups:
-            for k, p in enumerate(group["params"]):
-                if p.numel() > 0 and p.device.type != "meta" and p.data_ptr() != 0:
-                    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
-                    spans.append((str(p.device), p.data_ptr(), p.data_ptr() + extent * p.element_size(), k, i))
-        known = list(known or [])
-        for span in spans:
-            at = bisect.bisect(known, span)
-            for a, b in ((known[at - 1] if at else None, span), (span, known[at] if at < len(known) else None)):
-                if a is not None and b is not None and a[0] == b[0] and b[1] < a[2]:
-                    raise ValueError(
-                        f"{self._who}: param {a[3]} of group {a[4]} and param {b[3]} of group {b[4]} share memory; "
-                        "one launch updates every param at once, so overlapping params would race (torch.optim "
-                        "steps them in turn). Tie them as one Parameter, or give each its own memory"
-                    )
-            known.insert(at, span)
-        return known
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

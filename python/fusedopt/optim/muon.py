@@ -343,7 +343,7 @@ class MuonWithAdamW(Optimizer):
                 "_kinds": self._kinds}
 
     def _renumbered_child_error(self, e: Exception) -> Exception:
-        """A child's load error about its group j, naming our group (found from the child's name)."""
+        """A child's load or step error about its group j, naming our group (found from the child's name)."""
         use_muon = str(e).startswith("fusedopt.Muon")
         m = re.search(r"\b(?:param group|of group) (\d+)\b", str(e))
         if m is None or (use_muon, int(m.group(1))) not in self._order:
@@ -359,6 +359,11 @@ class MuonWithAdamW(Optimizer):
         use_muon = bool(param_group["use_muon"])
         group = {**param_group, "use_muon": use_muon}
         ps = group["params"]
+        if isinstance(ps, set):  # torch's check, which list() below would hide from the child
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of "
+                "tensors in sets will change between runs. Please use a list instead."
+            )
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         # Written back (as torch does): a generator (layer.parameters()) is spent by list().
         group["params"] = param_group["params"] = ps
@@ -399,7 +404,10 @@ class MuonWithAdamW(Optimizer):
         for c in self._children():  # what FusedOptimizer.step checks before a CUDA-graph capture
             c._graph_capture_check()
         for c in self._children():  # not c.step(): global step hooks fire once, for this optimizer
-            c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None), plans[id(c)])
+            try:
+                c._fused_step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None), plans[id(c)])
+            except (ValueError, TypeError, RuntimeError) as e:  # e.g. a param resized after stepping
+                raise self._renumbered_child_error(e) from None
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

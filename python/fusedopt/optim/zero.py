@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from fusedopt.optim.adam import Adam
-from fusedopt.optim.base import FusedOptimizer
+from fusedopt.optim.base import FusedOptimizer, check_no_overlap
 from fusedopt.optim.lion import Lion
 from fusedopt.quant import ADAM_8BIT_MOMENTS, LION_8BIT_MOMENTS, dequantize_state, memory_order_flat
 from fusedopt.sharding import Piece, join_state, piece_of, shard_layout, slice_state
@@ -80,6 +80,7 @@ class ZeroShardedOptimizer(Optimizer):
         self._inner: FusedOptimizer | None = None
         self._pieces: list[list[tuple[Piece, torch.Tensor]]] = []
         self._layouts: list[list[list[Piece]]] = []
+        self._memory: list[list[tuple]] = []  # per group, each param's (data_ptr, dtype) when it was cut
         self._consolidated: dict | None = None
         super().__init__(params, probe.defaults)  # shards each group as it is added (add_param_group)
 
@@ -100,6 +101,7 @@ class ZeroShardedOptimizer(Optimizer):
                 f"{self._who}: param group {index} mixes dtypes/devices {sorted(map(str, kinds))}; put params of "
                 "different dtypes or devices in separate param groups (each group is all-gathered as one buffer)"
             )
+        check_no_overlap(params, self._who, index)  # on whole params: every rank decides alike
         for k, p in enumerate(params):
             if p.numel() and memory_order_flat(p.detach()).data_ptr() != p.data_ptr():
                 raise ValueError(f"{self._who}: param {k} of group {index} is a non-dense view (strides "
@@ -125,6 +127,7 @@ class ZeroShardedOptimizer(Optimizer):
             self._inner.add_param_group(inner_group)
         self._layouts.append(layout)
         self._pieces.append(mine)
+        self._memory.append([(p.data_ptr(), p.dtype) for p in params])
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -147,6 +150,7 @@ class ZeroShardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         inner = self._inner
+        self._check_params_not_moved()
         # Every rank checks the outer groups, every whole param and grad (not only its pieces),
         # before anything steps: bad input raises on all ranks alike and names the param as the
         # unsharded optimizer does, instead of one rank raising while the others wait in all_gather.
@@ -173,6 +177,19 @@ class ZeroShardedOptimizer(Optimizer):
             for group, layout, mine in zip(self.param_groups, self._layouts, self._pieces):
                 self._all_gather(group["params"], layout, mine)
         return loss
+
+    def _check_params_not_moved(self) -> None:
+        """The pieces are views of each param's memory as it was when its group was cut: after
+        model.to(...) or p.data = ... they would go on updating the old memory while the param
+        stays unchanged. Judged from the whole params, so every rank raises alike."""
+        for i, (group, memory) in enumerate(zip(self.param_groups, self._memory)):
+            for k, (p, (ptr, dtype)) in enumerate(zip(group["params"], memory)):
+                if p.data_ptr() != ptr or p.dtype is not dtype:
+                    raise RuntimeError(
+                        f"{self._who}: param {k} of group {i} no longer lives in the memory it was sharded from "
+                        "(moved, cast or re-laid out by model.to(...) or p.data = ... after the optimizer was "
+                        "made); make the ZeroShardedOptimizer after the model's last move"
+                    )
 
     def _all_gather(self, params: list[torch.Tensor], layout: list[list[Piece]], mine) -> None:
         """Every rank's updated pieces into every rank's params: one collective per group."""
