@@ -28,6 +28,8 @@ class CMakeBuild(build_ext):
         build_temp = Path(self.build_temp) / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
         cuda = os.environ.get("FUSEDOPT_CUDA", "auto").upper()
+        if cuda not in ("AUTO", "ON", "OFF"):  # "0" or "false" would otherwise build CUDA as auto does
+            raise SystemExit(f"FUSEDOPT_CUDA must be auto, on or off (got {os.environ['FUSEDOPT_CUDA']!r})")
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}{os.sep}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -38,7 +40,10 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("FUSEDOPT_CUDA_ARCHS"):
             args.append(f"-DFUSEDOPT_CUDA_ARCHS={os.environ['FUSEDOPT_CUDA_ARCHS']}")
-        subprocess.run(["cmake", ext.source_dir, *args], cwd=build_temp, check=True)
+        # --fresh: the build folder survives between `pip install .` runs in one checkout, and its
+        # cache would keep the last run's settings (archs, nvcc) and pip's since-deleted ninja.
+        # Ninja's own log still keeps an unchanged rebuild incremental.
+        subprocess.run(["cmake", "--fresh", ext.source_dir, *args], cwd=build_temp, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_temp, check=True)
 
