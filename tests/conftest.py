@@ -15,6 +15,17 @@ DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if cuda_usab
 requires_cuda = pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA device and a CUDA build of fusedopt")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): small
+    matmuls with two OpenMP threads stall at barriers whenever another process holds a core (100x
+    slower on a busy 2-core machine). For modules whose checks do not depend on the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CPU_TIERS = ("baseline", "avx2", "avx512")  # the CPU loops' instruction sets (cpu/parallel.h)
 
 

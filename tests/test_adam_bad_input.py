@@ -208,8 +208,8 @@ def test_overlapping_params_in_separate_groups_step_in_turn_as_torch():
     for cls in (torch.optim.AdamW, fusedopt.AdamW):
         torch.manual_seed(0)
         base = torch.randn(64, 64)
-        a, b = torch.nn.Parameter(base.clone()), None
-        b = torch.nn.Parameter(a.data[16:48])
+        a = torch.nn.Parameter(base.clone())
+        b = torch.nn.Parameter(a.data[16:48])  # rows of a: both groups update them, one after the other
         opt = cls([{"params": [a]}, {"params": [b]}], lr=1e-2)
         for _ in range(3):
             a.grad, b.grad = torch.randn(64, 64), torch.randn(32, 64)

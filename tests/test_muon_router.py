@@ -10,14 +10,7 @@ from fusedopt.optim.muon import default_is_muon
 from reference import through_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matmuls with two OpenMP threads stall at barriers whenever another process holds a
-    # core (100x slower on a busy 2-core machine); nothing checked here depends on the count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- MuonWithAdamW -----------------------------------------------------------------------------
 

@@ -6,14 +6,7 @@ import torch
 from fusedopt import newton_schulz as ns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matmuls with two OpenMP threads stall at barriers whenever another process holds a
-    # core (100x slower on a busy 2-core machine); nothing checked here depends on the count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def svd_band(o: torch.Tensor) -> tuple[float, float]:

@@ -68,6 +68,15 @@ def check_no_overlap(params, who: str, index: int) -> None:
             )
 
 
+def reject_param_set(params) -> None:
+    """torch.optim's refusal of a group's params given as a set (their order, and so a checkpoint's
+    param ids, would change between runs); add_param_group here turns params into a list before
+    torch's own check could see the set."""
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                        "tensors in sets will change between runs. Please use a list instead.")
+
+
 def reject_torch_only_flags(who: str, foreach, fused, differentiable) -> None:
     if foreach:
         raise ValueError(f"{who} always runs one fused multi-tensor kernel; foreach=True does not apply (leave it None)")
@@ -129,11 +138,7 @@ class FusedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
-        if isinstance(params, set):  # torch's check, which list() below would hide from it
-            raise TypeError(
-                "optimizer parameters need to be organized in ordered collections, but the ordering of "
-                "tensors in sets will change between runs. Please use a list instead."
-            )
+        reject_param_set(params)  # torch's check, which list() below would hide from it
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         # Written back into the caller's dict, as torch does: a generator (model.parameters() in a
         # group dict) is spent by list().

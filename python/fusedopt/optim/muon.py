@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from fusedopt import newton_schulz as ns
 from fusedopt._ops import muon_apply_, muon_prepare_
 from fusedopt.optim.adam import AdamW
-from fusedopt.optim.base import FusedOptimizer, as_float
+from fusedopt.optim.base import FusedOptimizer, as_float, reject_param_set
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
@@ -359,11 +359,7 @@ class MuonWithAdamW(Optimizer):
         use_muon = bool(param_group["use_muon"])
         group = {**param_group, "use_muon": use_muon}
         ps = group["params"]
-        if isinstance(ps, set):  # torch's check, which list() below would hide from the child
-            raise TypeError(
-                "optimizer parameters need to be organized in ordered collections, but the ordering of "
-                "tensors in sets will change between runs. Please use a list instead."
-            )
+        reject_param_set(ps)  # torch's check, which list() below would hide from the child
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         # Written back (as torch does): a generator (layer.parameters()) is spent by list().
         group["params"] = param_group["params"] = ps
